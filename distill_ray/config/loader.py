@@ -193,6 +193,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     for text_override in overrides:
         try:
             parts, value = parse_override(text_override)
+            if parts[0] not in data and parts[0] in PipelineConfig.model_fields and len(parts) > 1:
+                # Override inside a section the file leaves to its defaults (e.g. teachers.0.model).
+                data[parts[0]] = PipelineConfig().model_dump(mode="json", by_alias=True)[parts[0]]
             apply_override(data, parts, value)
             overridden.add(_dotted(parts))
         except ConfigError as exc:

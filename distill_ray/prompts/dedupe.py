@@ -17,6 +17,7 @@ larger than one machine's memory; the driver holds the edges and the final sampl
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.aggregate import AsList, Count, CountDistinct, Min
+from ray.data.context import ShuffleStrategy
 
 from distill_ray.prompts.minhash import band_keys, lsh_params, signatures
 
@@ -42,6 +44,23 @@ class Clusters:
     bands: int = 0
     rows_per_band: int = 0
     root_of: dict[int, int] = field(default_factory=dict)  # order -> order of its cluster's representative
+
+
+@contextmanager
+def _task_shuffle():
+    """Run the aggregations with Ray Data's task-based sort shuffle.
+
+    The default hash shuffle starts a pool of aggregator actors for every aggregation: on a small
+    cluster that start-up costs ~10 s per aggregation (measured: 27 s vs 3.3 s for both on the
+    example), while the task-based shuffle reuses the warm worker pool and still spills to disk.
+    """
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.shuffle_strategy
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        ctx.shuffle_strategy = saved
 
 
 def _partitions() -> int:
@@ -118,6 +137,11 @@ def cluster_prompts(valid: ray.data.Dataset, threshold: float, num_perm: int, sh
     Near-duplicate clusters are computed whatever `prompts.dedupe` says: even when duplicates are
     kept, the holdout split must not separate them.
     """
+    with _task_shuffle():
+        return _cluster(valid, threshold, num_perm, shingle_size)
+
+
+def _cluster(valid: ray.data.Dataset, threshold: float, num_perm: int, shingle_size: int) -> Clusters:
     parts = _partitions()
     unique = (
         valid.map_batches(_id_keys, batch_format="pyarrow")

@@ -262,6 +262,7 @@ def parse_unit(unit_row: dict[str, Any], cfg_json: dict[str, Any], limit: int | 
         with fs.open_input_stream(path) as stream:
             text = io.TextIOWrapper(io.BytesIO(stream.read()), encoding="utf-8", errors="replace", newline="")
         reader = csv.DictReader(text)
+        _ = reader.fieldnames  # reads the header, so line_num counts from it
         while True:
             line_no = reader.line_num + 1
             if limit is not None and line_no > limit + 1:

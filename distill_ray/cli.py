@@ -26,7 +26,8 @@ def check_inputs(config: PipelineConfig) -> list[Problem]:
     try:
         plan_units(source_files(config.prompts), config.prompts)
     except SourceError as exc:
-        return [Problem(key="prompts.source", message=str(exc).removeprefix("prompts.source: "))]
+        key, _, message = str(exc).partition(": ")
+        return [Problem(key=key, message=message)]
     return []
 
 

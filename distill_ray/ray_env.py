@@ -6,7 +6,6 @@ import logging
 import os
 
 import ray
-import ray.data
 
 
 def init_ray(**local_kwargs) -> None:
@@ -21,7 +20,6 @@ def init_ray(**local_kwargs) -> None:
     address = os.environ.get("RAY_ADDRESS")
     kwargs = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1", **local_kwargs}
     ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
-    # Our steps print their own progress lines; Ray Data's per-operator INFO logs drown them out.
+    # Our steps print their own progress lines; Ray Data's per-operator INFO logs (its stand-in for
+    # progress bars when stderr is not a terminal) would drown them out. Bars on a terminal stay.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("DISTILL_PROGRESS", "1") != "0" and os.isatty(2)

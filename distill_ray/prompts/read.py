@@ -65,7 +65,7 @@ def source_format(uri: str, configured: str) -> str:
     for ext, fmt in EXTENSIONS.items():
         if uri.lower().endswith(ext):
             return fmt
-    raise SourceError(f"{uri}: cannot tell the format from the extension; set prompts.format (jsonl|parquet|csv)")
+    raise SourceError(f"prompts.format: cannot tell the format of {uri} from its extension; set it (jsonl|parquet|csv)")
 
 
 def source_files(cfg: Prompts) -> list[str]:
@@ -119,7 +119,7 @@ def plan_units(files: list[str], cfg: Prompts, chunk_bytes: int = CHUNK_BYTES) -
         else:
             units.append(Unit(uri, index, fmt))
     if total_bytes == 0:
-        raise SourceError(f"prompts.source is empty: {', '.join(files)} hold(s) no rows")
+        raise SourceError(f"prompts.source: the source is empty: {', '.join(files)} hold(s) no rows")
     return units
 
 

@@ -20,15 +20,16 @@ def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
         ("workdir: w\nprompts:\n  sise: 10\n", "c.yaml:3: prompts.sise: unknown key"),
         ("workdir: w\ntrain:\n  epochs: three\n", "c.yaml:3: train.epochs: Input should be a valid integer"),
         ("workdir: w\nprompts:\n  source: {missing}\n", "prompts.source: no such file or folder"),
-        ("workdir: w\nprompts:\n  source: {empty}\n", "prompts.source: prompts.source is empty"),
+        ("workdir: w\nprompts:\n  source: {empty}\n", "prompts.source: the source is empty"),
     ],
 )
-def test_bad_input_exits_2_naming_key_and_file(tmp_path, yaml_text, expected):
+@pytest.mark.parametrize("verb", ["validate", "prompts"])
+def test_bad_input_exits_2_naming_key_and_file(tmp_path, yaml_text, expected, verb):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     config = tmp_path / "c.yaml"
     config.write_text(yaml_text.format(missing=tmp_path / "nope.jsonl", empty=empty))
-    result = _run("validate", str(config))
+    result = _run(verb, str(config))
     assert result.returncode == 2, result.stderr
     assert expected.split("{")[0] in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""

@@ -56,7 +56,7 @@ def main() -> None:
         print(f"generated {args.rows:,} rows ({log.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f}s")
         cmd = [sys.executable, "-m", "distill_ray", "prompts", str(ROOT / "jobs/configs/support_orders.yaml"),
                "-o", f"prompts.source={log}", "-o", f"workdir={tmp}/run", "-o", f"prompts.size={args.size}"]
-        env = {**os.environ, "DISTILL_PROGRESS": "0"}
+        env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)  # always a fresh local Ray, started by the CLI
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -16,7 +16,10 @@ skewed category mix with rare edge cases, distractor numbers (phones, amounts, d
 numbers), typos, and about 0.5% of bad lines (truncated JSON, missing, empty or non-string ``text``) plus a
 couple of blank lines.
 
-The output is a pure function of ``(n_rows, seed)``; 200,000 rows take a few seconds.
+The output is a pure function of ``(n_rows, seed)``; 200,000 rows take a few seconds. Order numbers are
+``ORD-`` + 6 digits: the offline teacher (SmolLM2-135M-Instruct) extracts these far better than ``#1234567``
+numbers, which it confuses with phone and card numbers (``order_format="HASH"`` is kept for that comparison;
+see bench/example_task_teacher.py and jobs/data/README.md).
 
     python -m distill_ray.examples.support_orders --rows 3000 --seed 0 --out jobs/data/support_orders.jsonl
 """
@@ -24,6 +27,7 @@ The output is a pure function of ``(n_rows, seed)``; 200,000 rows take a few sec
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
 import re
@@ -361,6 +365,8 @@ _DISTRACTORS = _compile(DISTRACTORS)
 _GREETINGS = {c: _compile(x) for c, x in GREETINGS.items()}
 _SIGNATURES = {c: _compile(x) for c, x in SIGNATURES.items()}
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
+_q = json.encoder.encode_basestring  # a str as a JSON string literal (what json.dumps(ensure_ascii=False) uses)
+_MISSING = object()
 _CATS = list(CATEGORY_WEIGHTS)
 _CAT_CUM = [sum(list(CATEGORY_WEIGHTS.values())[: i + 1]) for i in range(len(_CATS))]
 _CHANNELS = list(CHANNEL_WEIGHTS)
@@ -378,11 +384,7 @@ def _ri(r: random.Random, a: int, b: int) -> int:
 
 
 def _pick_cum(r: random.Random, items: list[str], cum: list[float]) -> str:
-    x = r.random() * cum[-1]
-    for item, c in zip(items, cum, strict=True):
-        if x < c:
-            return item
-    return items[-1]
+    return items[min(bisect.bisect_right(cum, r.random() * cum[-1]), len(items) - 1)]
 
 
 def _slot(r: random.Random, name: str) -> str:
@@ -617,7 +619,13 @@ def make_log(n_rows: int, seed: int = 0, *, order_format: str = "ORD") -> Iterat
                 row["text"] = _ch(r, (0, 12345, 3.5, _ri(r, 100000, 999999)))
             else:
                 row["text"] = [text] if r.random() < 0.5 else text.split(". ")
-        yield _dumps(row)
+        if type(row.get("text")) is str:  # the common case, by hand: same bytes as json.dumps, cheaper
+            oid = row.get("order_id", _MISSING)
+            tail = "}" if oid is _MISSING else ', "order_id": null}' if oid is None else f', "order_id": {_q(oid)}}}'
+            yield (f'{{"ts": "{row["ts"]}", "ticket_id": "{row["ticket_id"]}", "user_id": "{user}", '
+                   f'"channel": "{channel}", "category": "{cat}", "text": {_q(row["text"])}{tail}')
+        else:
+            yield _dumps(row)
 
 
 def write_log(path: str, n_rows: int, seed: int = 0, *, order_format: str = "ORD") -> int:

@@ -24,7 +24,7 @@ from distill_ray.prompts.normalize import normalize, prompt_id, text_hash
 from distill_ray.storage import expand_source, filesystem_for
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20  # small enough that a laptop-sized log still spreads over every core
 ROW_BITS = 40  # order = file_index << ROW_BITS | row_index: 1 trillion rows per file
 
 ROW_SCHEMA = pa.schema(

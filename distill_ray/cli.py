@@ -15,6 +15,7 @@ from collections.abc import Callable
 from distill_ray import __version__
 from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config, resolved_yaml
 from distill_ray.prompts.read import SourceError
+from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
 
@@ -52,10 +53,26 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from distill_ray.teacher.generate import run_generate
+
+    run_generate(_load(args))
+    return 0
+
+
+def cmd_teacher_serve(args: argparse.Namespace) -> int:
+    from distill_ray.teacher.offline import serve
+
+    serve(host=args.host, port=args.port, model_spec=args.model, max_batch=args.max_batch,
+          api_key_env=args.api_key_env)
+    return 0
+
+
 def _steps() -> dict[str, Callable[[PipelineConfig], object]]:
     from distill_ray.prompts.step import run_prompts
+    from distill_ray.teacher.generate import run_generate
 
-    return {"prompts": run_prompts}
+    return {"prompts": run_prompts, "generate": run_generate}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,9 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
          f"distill-ray validate {EXAMPLE} -o workdir=s3://my-bucket/runs/x")
     verb("prompts", cmd_prompts, "step 2: build the deduplicated prompt set with its holdout split from logs",
          f"distill-ray prompts {EXAMPLE} -o prompts.size=1000")
+    verb("generate", cmd_generate, "step 3a: ask every teacher for every prompt (cached, rate limited, resumable)",
+         f"distill-ray generate {EXAMPLE} -o budget_usd=5")
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")
+
+    teacher = sub.add_parser("teacher", help="the offline teacher (an OpenAI-compatible server on this machine)")
+    teacher_sub = teacher.add_subparsers(dest="teacher_verb", required=True, metavar="ACTION")
+    serve = teacher_sub.add_parser(
+        "serve", help="serve SmolLM2-135M-Instruct (or --model PATH) over /v1/chat/completions",
+        epilog="example:\n  distill-ray teacher serve --port 8100", formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8100)
+    serve.add_argument("--model", default="smollm2", help="'smollm2' (the offline wheel) or a model path / s3:// / HF id")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--api-key-env", default=None, help="require this env var's value as the bearer token")
+    serve.set_defaults(func=cmd_teacher_serve)
     return parser
 
 
@@ -123,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    except SourceError as exc:
+    except (SourceError, MissingInput, TeacherRejected) as exc:
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
         return 2
+    except BudgetReached as exc:
+        print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"distill-ray {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -7,4 +7,5 @@ scripts/setup.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/distill-ray validate jobs/configs/support_orders.yaml > /dev/null
 echo "config jobs/configs/support_orders.yaml is valid (distill-ray validate prints it resolved)"
-exec .venv/bin/distill-ray run jobs/configs/support_orders.yaml "$@"
+# Steps so far: the prompt set. generate joins once the offline teacher is started here.
+exec .venv/bin/distill-ray run jobs/configs/support_orders.yaml --steps prompts "$@"

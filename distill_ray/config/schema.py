@@ -153,6 +153,9 @@ class Teacher(Strict):
     max_concurrency: int = Field(64, ge=1, le=4096, description="Requests in flight at once, cluster-wide.")
     max_retries: int = Field(8, ge=0, le=50, description="Retries of a retryable failure before the row gets its error.")
     timeout_s: float = Field(60, gt=0, description="Per-request timeout.")
+    retry_backoff_s: float = Field(
+        0.5, gt=0, description="First retry delay; doubles per attempt (jittered, capped at 60 s), or Retry-After."
+    )
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
     samples: int = Field(1, ge=1, le=16, description="Answers per prompt (for sample-agreement filters).")
@@ -182,6 +185,16 @@ def _offline_teacher() -> list[Teacher]:
             price_per_1m_output_tokens=0.60,
         )
     ]
+
+
+class Generate(Strict):
+    """Step 3a: how teacher calls are spread over the cluster (the limits live on each teacher)."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Data actors calling each teacher (spread over nodes).")
+    batch_size: int = Field(32, ge=1, description="Prompts handed to a worker at once (all sent concurrently).")
+    batches_per_worker: int = Field(4, ge=1, description="Batches a worker runs at the same time.")
+    progress_every_s: float = Field(10, gt=0, description="Seconds between progress lines.")
+    limit: int | None = Field(None, ge=1, description="Smoke knob: send at most this many prompts per teacher.")
 
 
 class MinMeanLogprobFilter(Strict):
@@ -316,6 +329,7 @@ class PipelineConfig(Strict):
     prompts: Prompts = Field(default_factory=Prompts)
     teachers: list[Teacher] = Field(default_factory=_offline_teacher, min_length=1)
     budget_usd: float | None = Field(None, gt=0, description="Generation stops cleanly before exceeding this.")
+    generate: Generate = Field(default_factory=Generate)
     filters: list[Filter] = Field(default_factory=list)
     students: list[Student] = Field(
         default_factory=lambda: [Student(name="small", base_model="smollm2", layer_drop=LayerDrop(keep_every=3))],

@@ -1,0 +1,71 @@
+"""Never pay twice: every teacher answer is made durable under the workdir the moment it arrives.
+
+The key is a hash of (teacher name, model, sampling parameters, sample index, request messages),
+so a changed prompt or setting is a new answer and everything else is found again. Storage:
+- local workdir: each worker appends JSON lines to its own segment file and fsyncs after every
+  answer (a SIGKILL can at most cut the last line, which `load` skips);
+- S3: one object per answer (an S3 PUT is atomic; objects cannot be appended to).
+Answers that ended in an error are not cached: a rerun asks again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+from distill_ray.config.schema import Teacher
+from distill_ray.storage import Workdir, is_s3
+
+CACHE_DIR = ("teacher", "cache")
+
+
+def answer_key(teacher: Teacher, messages: list[dict[str, str]], sample: int) -> str:
+    params = {"teacher": teacher.name, "model": teacher.model, "temperature": teacher.temperature,
+              "max_tokens": teacher.max_tokens, "logprobs": teacher.logprobs, "top_logprobs": teacher.top_logprobs,
+              "sample": sample, "messages": messages}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+class AnswerCache:
+    """Durable answers of one teacher under `<workdir>/teacher/cache/<teacher>/`."""
+
+    def __init__(self, workdir: Workdir, teacher: str):
+        self.workdir = workdir
+        self.teacher = teacher
+        self.parts = (*CACHE_DIR, teacher)
+        self._segment = None
+
+    def put(self, record: dict[str, Any]) -> None:
+        """Store one answer; it is durable when this returns."""
+        line = json.dumps(record, ensure_ascii=False)
+        if is_s3(self.workdir.uri):
+            self.workdir.write_bytes(line.encode(), *self.parts, f"{record['key']}.json")
+            return
+        if self._segment is None:
+            path = self.workdir.uri_of(*self.parts, f"segment-{uuid.uuid4().hex[:12]}.jsonl")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._segment = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
+        self._segment.write(line + "\n")
+        self._segment.flush()
+        os.fsync(self._segment.fileno())
+
+    def close(self) -> None:
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Every cached answer by key (a line cut short by a crash is skipped)."""
+        found: dict[str, dict[str, Any]] = {}
+        for name in sorted(self.workdir.list_files(*self.parts)):
+            data = self.workdir.read_bytes(*self.parts, name).decode("utf-8", "replace")
+            for line in data.splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last line of a segment whose writer was killed mid-write
+                found.setdefault(record["key"], record)
+        return found

@@ -7,11 +7,17 @@ inherit it, as they would inherit an instance role's settings on a cluster.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 
 import boto3
 import pytest
 import ray
+
+
+# The fake teacher's API key, in the environment before Ray starts so that its workers inherit it
+# (as pods get theirs from a Kubernetes secret). Random per session: tests grep for it in outputs.
+os.environ.setdefault("DISTILL_TEST_TEACHER_KEY", "sk-test-" + secrets.token_hex(12))
 
 
 def _free_port() -> int:

@@ -1,0 +1,640 @@
+"""The offline teacher: an OpenAI-compatible chat server over a local model, batching concurrent requests.
+
+It lets the whole pipeline run with no paid API: ``teachers[].base_url: http://127.0.0.1:8100/v1``.
+It speaks the OpenAI wire format on ``POST /v1/chat/completions`` (greedy at temperature 0, sampling
+with temperature/top_p/seed otherwise, stop strings, logprobs with top_logprobs, SSE streaming),
+``GET /v1/models``, ``GET /health`` and ``GET /stats`` (requests served, batches run, batch sizes).
+
+Concurrent requests are queued; one worker thread takes up to ``max_batch`` of them (waiting at most
+``batch_wait_ms`` for more to arrive) and decodes them together, so the event loop never blocks on the
+model. Prompts of a batch that start with the same chat history (the system line and few-shot turns of
+a distillation task) share one key/value cache of that history, computed once and kept for the next
+batches: only each request's own last message is prefilled.
+
+    python -m distill_ray.teacher.offline --port 8100             # SmolLM2-135M-Instruct, offline
+    distill-ray teacher serve --port 8100 --model path/or/s3://uri
+    curl -s localhost:8100/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import inspect
+import json
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from aiohttp import web
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MAX_TOKENS = 256
+MAX_TOP_LOGPROBS = 20
+MIN_SHARED_PREFIX = 32  # tokens; below this a separate prefix pass costs more than it saves
+PREFIX_CACHE_SIZE = 4
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete; ``history_len`` prompt tokens are the shareable chat history."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
+    history_len: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """The completion of one request: tokens, their logprobs (raw logits) and top alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+
+
+class BatchGenerator:
+    """Decodes queued requests in batches on one worker thread.
+
+    Args:
+        model: a causal LM (eval mode).
+        tokenizer: its tokenizer.
+        max_batch: most requests decoded together.
+        batch_wait_ms: how long the first request of a batch waits for others to join it.
+        reuse_prefix: share (and keep) the key/value cache of a chat history common to a batch.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_batch: int = 8,
+                 batch_wait_ms: float = 10, reuse_prefix: bool = True):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.batch_wait_s, self.reuse_prefix = max_batch, batch_wait_ms / 1000, reuse_prefix
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self.max_context = getattr(model.config, "max_position_embeddings", None) or 2048
+        # transformers >= 5.x names the forward argument `cache` (earlier: `past_key_values`)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stats: dict[str, Any] = {"requests": 0, "batches": 0, "batch_sizes": Counter(), "prompt_tokens": 0,
+                                       "completion_tokens": 0, "prefix_hits": 0, "prefix_misses": 0, "errors": 0}
+
+    # ---------------------------------------------------------------------------------------- worker
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="offline-teacher-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the batch in progress, then stop the worker; queued requests fail."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+                job[1].set_exception(RuntimeError("the offline teacher is shutting down"))
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        """Queue a request; the future resolves to its GenerationResult."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((request, future))
+        return future
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: requests, batches, batch size histogram, tokens, prefix cache hits."""
+        with self._lock:
+            out = dict(self._stats)
+            out["batch_sizes"] = {str(k): v for k, v in sorted(self._stats["batch_sizes"].items())}
+        out["queued"] = self._queue.qsize()
+        return out
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, deadline, stopping = [first], time.monotonic() + self.batch_wait_s, False
+            while len(batch) < self.max_batch:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            batch = [job for job in batch if job[1].set_running_or_notify_cancel()]
+            if batch:
+                self._answer(batch)
+            if stopping:
+                return
+
+    def _answer(self, batch: list[tuple[GenerationRequest, concurrent.futures.Future]]) -> None:
+        requests = [request for request, _ in batch]
+        try:
+            results = self.generate(requests)
+        except Exception as err:  # noqa: BLE001 - not swallowed: every waiting request gets the error
+            with self._lock:
+                self._stats["errors"] += len(batch)
+            for _, future in batch:
+                future.set_exception(err)
+            return
+        with self._lock:
+            self._stats["requests"] += len(batch)
+            self._stats["batches"] += 1
+            self._stats["batch_sizes"][len(batch)] += 1
+            self._stats["prompt_tokens"] += sum(len(r.prompt_ids) for r in requests)
+            self._stats["completion_tokens"] += sum(len(r.token_ids) for r in results)
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+    # ------------------------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Decode a batch (synchronously, on the calling thread).
+
+        Rows are laid out as ``[shared history][left padding][own tokens]``; with no shared history this
+        is plain left padding. Position ids follow the attention mask, so padding changes nothing.
+
+        Args:
+            requests: the prompts and their sampling settings.
+
+        Returns:
+            One result per request, in order.
+        """
+        device = self.model.device
+        n = len(requests)
+        shared, cached_kv = self._shared_prefix(requests)
+        tails = [r.prompt_ids[shared:] for r in requests]
+        width = max(len(t) for t in tails)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(t)) + t for t in tails], device=device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in cached_kv]) \
+            if cached_kv else DynamicCache()
+        generators = [self._generator(r) for r in requests]
+        top_k = max(r.top_logprobs for r in requests)
+        tokens: list[list[int]] = [[] for _ in requests]
+        logprobs: list[list[float]] = [[] for _ in requests]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in requests]
+        finish: list[str | None] = [None] * n
+        texts = [""] * n
+        for _ in range(max(r.max_tokens for r in requests)):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: cache})
+            logits = out.logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = self._choose(logits, requests, generators)
+            chosen_logp = logp.gather(1, chosen[:, None])[:, 0].tolist()
+            top_vals, top_ids = logp.topk(top_k, dim=-1) if top_k else (None, None)
+            for i, request in enumerate(requests):
+                if finish[i] is not None:
+                    continue
+                token = int(chosen[i])
+                if token in self.eos_ids:
+                    finish[i] = "stop"
+                    continue
+                tokens[i].append(token)
+                logprobs[i].append(chosen_logp[i])
+                if request.top_logprobs:
+                    tops[i].append(list(zip(top_ids[i, : request.top_logprobs].tolist(),
+                                            top_vals[i, : request.top_logprobs].tolist(), strict=True)))
+                if request.stop:
+                    finish[i] = self._apply_stop(i, request, tokens, logprobs, tops, texts)
+                if finish[i] is None and len(tokens[i]) >= request.max_tokens:
+                    finish[i] = "length"
+            if all(f is not None for f in finish):
+                break
+            input_ids = chosen[:, None]
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+        return [GenerationResult(tokens[i], logprobs[i], tops[i], texts[i] if requests[i].stop else
+                                 self.tokenizer.decode(tokens[i], skip_special_tokens=True), finish[i] or "length")
+                for i in range(n)]
+
+    def _shared_prefix(self, requests: list[GenerationRequest]) -> tuple[int, list]:
+        """The number of leading tokens whose key/values are shared, and those key/values (batch 1)."""
+        if not self.reuse_prefix:
+            return 0, []
+        histories = [r.prompt_ids[: r.history_len] for r in requests]
+        common = min(len(h) for h in histories)
+        for h in histories[1:]:
+            common = next((j for j, (a, b) in enumerate(zip(histories[0][:common], h[:common], strict=True)) if a != b), common)
+        if common < MIN_SHARED_PREFIX:
+            return 0, []
+        key = tuple(histories[0][:common])
+        kv = self._prefixes.get(key)
+        with self._lock:
+            self._stats["prefix_hits" if kv is not None else "prefix_misses"] += 1
+        if kv is None:
+            cache = DynamicCache()
+            self.model(input_ids=torch.tensor([key], device=self.model.device), use_cache=True, logits_to_keep=1,
+                       **{self._cache_kw: cache})
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            self._prefixes[key] = kv
+            while len(self._prefixes) > PREFIX_CACHE_SIZE:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(key)
+        return common, kv
+
+    @staticmethod
+    def _generator(request: GenerationRequest) -> torch.Generator | None:
+        if request.temperature <= 0:
+            return None
+        generator = torch.Generator()
+        if request.seed is not None:
+            generator.manual_seed(request.seed)
+        else:
+            generator.seed()
+        return generator
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, requests: list[GenerationRequest],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        chosen = logits.argmax(dim=-1)
+        for i, (request, generator) in enumerate(zip(requests, generators, strict=True)):
+            if generator is None:
+                continue
+            probs = torch.softmax(logits[i] / request.temperature, dim=-1).cpu()
+            if request.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                # keep the smallest set whose mass reaches top_p (always at least the top token)
+                drop = sorted_probs.cumsum(0) - sorted_probs >= request.top_p
+                drop[0] = False
+                probs = probs.scatter(0, order[drop], 0.0)
+            chosen[i] = torch.multinomial(probs, 1, generator=generator).item()
+        return chosen
+
+    def _apply_stop(self, i: int, request: GenerationRequest, tokens: list[list[int]],
+                    logprobs: list[list[float]], tops: list[list], texts: list[str]) -> str | None:
+        """Cut row i at the first stop string: the text before it, and the tokens that make up that text."""
+        text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+        hits = [text.find(s) for s in request.stop if s and s in text]
+        texts[i] = text
+        if not hits:
+            return None
+        cut = min(hits)
+        texts[i] = text[:cut]
+        keep = next(k for k in range(len(tokens[i]) + 1)
+                    if len(self.tokenizer.decode(tokens[i][:k], skip_special_tokens=True)) >= cut)
+        del tokens[i][keep:], logprobs[i][keep:], tops[i][keep:]
+        return "stop"
+
+
+# ------------------------------------------------------------------------------------------ HTTP layer
+class BadRequest(ValueError):
+    """A request the OpenAI API would refuse with 400; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> web.Response:
+    """An OpenAI-style error body."""
+    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                             status=status)
+
+
+def _number(body: dict, name: str, default: Any, kind: type, low: float, high: float) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise BadRequest(f"'{name}' must be {'a number' if kind is float else 'an integer'}, got {value!r}", name)
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value!r}", name)
+    return kind(value)
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # content parts: only text is understood
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}", f"messages[{i}].role")
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string, got {content!r}", f"messages[{i}].content")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def parse_chat_request(body: Any, tokenizer: PreTrainedTokenizerBase, max_context: int) -> tuple[
+        GenerationRequest, bool, bool]:
+    """Validate an OpenAI chat completion body and render its prompt.
+
+    Args:
+        body: the parsed JSON body.
+        tokenizer: renders the chat template.
+        max_context: the model's context length (prompt plus completion).
+
+    Returns:
+        (request, stream, include_usage_in_stream).
+
+    Raises:
+        BadRequest: with the message and the parameter the OpenAI API would name.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    messages = _messages(body)
+    n = _number(body, "n", 1, int, 1, 128)
+    if n != 1:
+        raise BadRequest(f"only n=1 is supported, got n={n}", "n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise BadRequest("'stop' must be a string or a list of up to 4 strings", "stop")
+    for name in ("logprobs", "stream"):
+        if body.get(name) is not None and not isinstance(body.get(name), bool):
+            raise BadRequest(f"'{name}' must be a boolean, got {body.get(name)!r}", name)
+    top_logprobs = _number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
+    if top_logprobs and not body.get("logprobs"):
+        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    prompt_ids, history_len = render_prompt(tokenizer, messages)
+    room = max_context - len(prompt_ids)
+    max_tokens = _number(body, "max_completion_tokens", None, int, 1, 1 << 20)
+    max_tokens = _number(body, "max_tokens", max_tokens, int, 1, 1 << 20) if max_tokens is None else max_tokens
+    if room < 1 or (max_tokens or 0) > room:
+        raise BadRequest(f"this model's context is {max_context} tokens; the prompt has {len(prompt_ids)} and "
+                         f"{max_tokens or 1} more were asked for", "messages", "context_length_exceeded")
+    request = GenerationRequest(
+        prompt_ids=prompt_ids, max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, room),
+        temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0), seed=_number(body, "seed", None, int, -(2**63), 2**64 - 1),
+        stop=stop, top_logprobs=top_logprobs if body.get("logprobs") else 0, history_len=history_len)
+    return request, bool(body.get("stream")), bool(stream_options.get("include_usage"))
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], int]:
+    """Prompt token ids of a chat, and how many of them are the history (every message but the last).
+
+    The history length is 0 when the template does not render the history as a token prefix of the prompt.
+    """
+    def ids(msgs: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        else:  # a bare tokenizer (tests, base models): a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + ("assistant: " if generation_prompt else "")
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = ids(messages, True)
+    history = ids(messages[:-1], False) if len(messages) > 1 else []
+    return prompt, len(history) if prompt[: len(history)] == history and len(history) < len(prompt) else 0
+
+
+class _TokenText:
+    """The text and raw bytes of each token, as the OpenAI logprobs format wants them (memoised)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+        # GPT-2's byte-to-unicode table, inverted: byte-level BPE tokens spell raw bytes with these characters
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        extra = [b for b in range(256) if b not in printable]
+        self.unicode_to_byte = {chr(c): c for c in printable} | {chr(256 + i): b for i, b in enumerate(extra)}
+        self._memo: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        if token_id not in self._memo:
+            text = self.tokenizer.decode([token_id])
+            raw = list(text.encode())
+            if self.byte_level and token_id not in self.tokenizer.all_special_ids:
+                piece = self.tokenizer.convert_ids_to_tokens(token_id)
+                if all(ch in self.unicode_to_byte for ch in piece):
+                    raw = [self.unicode_to_byte[ch] for ch in piece]
+            self._memo[token_id] = (text, raw)
+        return self._memo[token_id]
+
+    def entry(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, Any]:
+        text, raw = self(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw,
+                "top_logprobs": [{"token": self(t)[0], "logprob": lp, "bytes": self(t)[1]} for t, lp in top]}
+
+
+def _stream_pieces(tokenizer: PreTrainedTokenizerBase, result: GenerationResult) -> list[str]:
+    """Per-token text deltas whose concatenation is exactly the completion's text."""
+    pieces, emitted = [], ""
+    for k in range(1, len(result.token_ids) + 1):
+        text = tokenizer.decode(result.token_ids[:k], skip_special_tokens=True)[: len(result.text)]
+        ok = text.startswith(emitted) and not text.endswith("\ufffd")  # hold back a half-decoded character
+        pieces.append(text[len(emitted):] if ok else "")
+        emitted = text if ok else emitted
+    if not result.text.startswith(emitted):  # a tokenizer whose decoding is not incremental
+        return [result.text]
+    if pieces:
+        pieces[-1] += result.text[len(emitted):]
+    return pieces
+
+
+def build_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, model_name: str, max_batch: int = 8,
+              batch_wait_ms: float = 10, api_key: str | None = None) -> web.Application:
+    """The offline teacher's aiohttp application; its batch worker runs while the app runs.
+
+    Args:
+        model: a causal LM (from ``load_causal_lm``).
+        tokenizer: its tokenizer.
+        model_name: the id shown in ``/v1/models`` and in answers (requests may name any model).
+        max_batch: most requests decoded together.
+        batch_wait_ms: how long a batch waits for more requests to join it.
+        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+
+    Returns:
+        The application (serve it with ``web.run_app`` or an ``AppRunner``).
+    """
+    engine = BatchGenerator(model, tokenizer, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    token_text = _TokenText(tokenizer)
+    created = int(time.time())
+
+    @web.middleware
+    async def openai_errors(request: web.Request, handler):
+        if api_key is not None and request.path.startswith("/v1/") and \
+                request.headers.get("Authorization", "") != f"Bearer {api_key}":
+            return error_response(401, "Incorrect API key provided.", param=None, code="invalid_api_key")
+        try:
+            return await handler(request)
+        except web.HTTPException as err:  # 404/405 in the OpenAI error format
+            if err.status < 400:
+                raise
+            return error_response(err.status, f"{request.method} {request.path}: {err.reason}",
+                                  type_="invalid_request_error", code=str(err.status))
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError as err:
+            return error_response(400, f"the request body is not valid JSON: {err}")
+        try:
+            job, stream, include_usage = parse_chat_request(body, tokenizer, engine.max_context)
+        except BadRequest as err:
+            return error_response(400, str(err), param=err.param, code=err.code)
+        try:
+            result: GenerationResult = await asyncio.wrap_future(engine.submit(job))
+        except Exception as err:  # noqa: BLE001 - reported to the client as the OpenAI API reports its failures
+            return error_response(500, f"generation failed: {type(err).__name__}: {err}", type_="server_error")
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(result.token_ids),
+                 "total_tokens": len(job.prompt_ids) + len(result.token_ids)}
+        entries = [token_text.entry(t, lp, top) for t, lp, top in
+                   zip(result.token_ids, result.logprobs, result.top or [[]] * len(result.token_ids), strict=True)]
+        want_logprobs = bool(body.get("logprobs"))
+        if not stream:
+            return web.json_response({**head, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": result.text},
+                "logprobs": {"content": entries} if want_logprobs else None,
+                "finish_reason": result.finish_reason}], "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(choice: dict | None, **extra: Any) -> None:
+            chunk = {**head, "object": "chat.completion.chunk", "choices": [choice] if choice else [], **extra}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None})
+        for piece, entry in zip(_stream_pieces(tokenizer, result), entries, strict=False):
+            await send({"index": 0, "delta": {"content": piece},
+                        "logprobs": {"content": [entry]} if want_logprobs else None, "finish_reason": None})
+        await send({"index": 0, "delta": {}, "logprobs": None, "finish_reason": result.finish_reason})
+        if include_usage:
+            await send(None, usage=usage)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "distill-ray"}]})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"model": model_name, "max_batch": max_batch, **engine.stats()})
+
+    async def run_engine(app: web.Application):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = web.Application(middlewares=[openai_errors], client_max_size=16 << 20)
+    app["engine"] = engine
+    app.cleanup_ctx.append(run_engine)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+def model_name_of(spec: str) -> str:
+    """The name the server shows for a model spec: SmolLM2-135M-Instruct, a folder's name, or the Hub id."""
+    from distill_ray.models import SMOLLM2, SMOLLM2_NAME
+
+    if spec == SMOLLM2:
+        return SMOLLM2_NAME
+    if spec.startswith(("s3://", "/", ".", "~")) or os.path.isdir(spec):
+        return os.path.basename(spec.rstrip("/")) or spec
+    return spec
+
+
+def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2", max_batch: int = 8,
+          api_key_env: str | None = None, threads: int | None = None) -> None:
+    """Load the model and serve it until SIGTERM or SIGINT (blocking).
+
+    Prints ``offline teacher: serving <name> on http://host:port/v1`` once it accepts requests.
+
+    Args:
+        host: the interface to listen on.
+        port: the port (0 picks a free one; the printed line shows it).
+        model_spec: anything ``load_causal_lm`` takes.
+        max_batch: most requests decoded together.
+        api_key_env: the environment variable holding the bearer token to require; unset or empty
+            variable means no authentication.
+        threads: torch CPU threads (default: all cores).
+    """
+    from distill_ray.models import load_causal_lm
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    model, tokenizer = load_causal_lm(model_spec)
+    name = model_name_of(model_spec)
+    api_key = (os.environ.get(api_key_env) or None) if api_key_env else None
+    app = build_app(model, tokenizer, model_name=name, max_batch=max_batch, api_key=api_key)
+
+    async def run() -> None:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopped.set)
+        bound = runner.addresses[0][1] if runner.addresses else port
+        print(f"offline teacher: serving {name} on http://{host}:{bound}/v1"
+              + (f" (bearer key from ${api_key_env})" if api_key else ""), flush=True)
+        try:
+            await stopped.wait()
+        finally:
+            await runner.cleanup()
+        print("offline teacher: stopped", flush=True)
+
+    asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m distill_ray.teacher.offline", description=__doc__.split("\n")[0],
+        epilog="example:\n  python -m distill_ray.teacher.offline --port 8100 --max-batch 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a model folder, s3://bucket/prefix or a "
+                        "Hugging Face id already in the local cache")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--api-key-env", default=None, help="require this env var's value as the bearer token")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    args = parser.parse_args(argv)
+    serve(host=args.host, port=args.port, model_spec=args.model, max_batch=args.max_batch,
+          api_key_env=args.api_key_env, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""`distill-ray generate` against a scripted fake teacher (real HTTP on 127.0.0.1, its own process).
+
+What a user pays for is what these tests count: the fake teacher's ledger of billed answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill_ray.cli import main
+from distill_ray.config import load_config
+from distill_ray.prompts.step import run_prompts
+from distill_ray.storage import Workdir
+from tests.conftest import ROOT
+from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
+N_PROMPTS = 40
+
+
+@pytest.fixture(scope="module")
+def prompt_set(tmp_path_factory):
+    """A prompt set of N_PROMPTS distinct messages, built once and copied into each test's workdir."""
+    root = tmp_path_factory.mktemp("prompt-set")
+    log = root / "log.jsonl"
+    lines = [json.dumps({"text": f"Hi team, order ORD-{100000 + i} ({['blue', 'red', 'green'][i % 3]} {i} units) "
+                                 f"has not arrived after {i + 3} days", "category": ["shipping", "refund"][i % 2]})
+             for i in range(N_PROMPTS)]
+    log.write_text("\n".join(lines) + "\n")
+    run_prompts(load_config(None, [f"workdir={root / 'run'}", f"prompts.source={log}", "prompts.dedupe=exact",
+                                   "prompts.holdout_fraction=0.1"]), echo=lambda _: None)
+    return root / "run"
+
+
+def _workdir(prompt_set: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(prompt_set / "prompts", run / "prompts")
+    return run
+
+
+def _config_file(tmp_path: Path, workdir: Path, base_url: str, **teacher) -> Path:
+    t = {"name": "fake", "base_url": base_url, "model": "fake-teacher", "api_key_env": KEY_ENV,
+         "requests_per_minute": 60000, "max_concurrency": 8, "max_retries": 6, "retry_backoff_s": 0.01,
+         "timeout_s": 2, "max_tokens": 16, "price_per_1m_input_tokens": 1000.0, "price_per_1m_output_tokens": 2000.0,
+         **teacher}
+    config = {"name": "gen-test", "workdir": str(workdir), "teachers": [t],
+              "generate": {"num_workers": 2, "batch_size": 4, "progress_every_s": 1}}
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _answers(workdir: Path) -> list[dict]:
+    return Workdir(str(workdir)).read_table("teacher", "answers").to_pylist()
+
+
+def test_fault_mix_loses_no_row_and_pays_once(prompt_set, tmp_path, capsys):
+    faults = {"ORD-100001": ["500", "503", "ok"], "ORD-100002": ["malformed", "truncated", "ok"],
+              "ORD-100003": ["reset", "ok"], "ORD-100004": ["timeout", "ok"], "ORD-100005": ["429", "ok"],
+              "ORD-100006": ["empty_choices", "408", "ok"], "ORD-100007": ["500"] * 20}
+    workdir = _workdir(prompt_set, tmp_path)
+    with FakeTeacher(FakeTeacherConfig(api_key=os.environ[KEY_ENV], faults=faults)) as teacher:
+        config = _config_file(tmp_path, workdir, teacher.base_url)
+        assert main(["generate", str(config)]) == 0
+        rows = _answers(workdir)
+        assert len(rows) == N_PROMPTS  # every prompt has its row, answered or not
+        failed = [r for r in rows if r["error"]]
+        assert [(r["error_kind"], "ORD-100007" in r["messages"][-1]["content"]) for r in failed] == [("500", True)]
+        assert failed[0]["attempts"] == 7 and "gave up after 7 attempts" in failed[0]["error"]
+        for row in rows:
+            if not row["error"]:
+                assert row["completion"] == row["messages"][-1]["content"].split()[3].upper()
+                assert row["mean_logprob"] is not None and row["prompt_tokens"] > 0 and row["cost_usd"] > 0
+        stats = teacher.stats()
+        assert set(stats["billed_per_prompt"].values()) == {1} and len(stats["billed_per_prompt"]) == N_PROMPTS - 1
+        manifest = Workdir(str(workdir)).read_json("teacher", "manifest.json")
+        assert manifest["status"] == "partial" and manifest["counts"]["errors_by_kind"] == {"500": 1}
+        out = capsys.readouterr().out
+        assert "asked again on the next run" in out
+
+        # The teacher recovers: a rerun asks only for the failed row, and everything is paid once.
+        teacher.configure(faults={})
+        assert main(["generate", str(config)]) == 0
+        stats = teacher.stats()
+        assert len(stats["billed_per_prompt"]) == N_PROMPTS and set(stats["billed_per_prompt"].values()) == {1}
+        assert Workdir(str(workdir)).read_json("teacher", "manifest.json")["status"] == "complete"
+
+        # A rerun after completion makes zero calls, even with the manifest gone (the cache remembers).
+        before = teacher.stats()["requests"]
+        assert main(["generate", str(config)]) == 0
+        Workdir(str(workdir)).remove("teacher", "manifest.json")
+        assert main(["generate", str(config)]) == 0
+        assert teacher.stats()["requests"] == before
+        assert len(_answers(workdir)) == N_PROMPTS
+
+
+def test_bad_key_stops_at_once_and_no_key_leaks(prompt_set, tmp_path, capsys):
+    workdir = _workdir(prompt_set, tmp_path)
+    secret = os.environ[KEY_ENV]
+    with FakeTeacher(FakeTeacherConfig(api_key="sk-the-right-one")) as teacher:
+        config = _config_file(tmp_path, workdir, teacher.base_url)
+        assert main(["generate", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "HTTP 401" in err and "api_key_env" in err
+        assert teacher.stats()["requests"] == 1  # the driver's single preflight request
+    with FakeTeacher(FakeTeacherConfig(api_key=secret)) as teacher:
+        config = _config_file(tmp_path, workdir, teacher.base_url)
+        assert main(["generate", str(config)]) == 0
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    for path in workdir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_budget_stops_cleanly_and_resumes_without_paying_twice(prompt_set, tmp_path, capsys):
+    workdir = _workdir(prompt_set, tmp_path)
+    with FakeTeacher(FakeTeacherConfig(api_key=os.environ[KEY_ENV])) as teacher:
+        config = _config_file(tmp_path, workdir, teacher.base_url)
+        text = json.loads(config.read_text())
+        text["budget_usd"] = 0.5  # each answer costs about $0.03 at these prices: about 15 of the 40
+        config.write_text(json.dumps(text))
+        assert main(["generate", str(config)]) == 1
+        err = capsys.readouterr().err
+        assert "budget_usd=0.5" in err and "run again to resume" in err
+        report = Workdir(str(workdir)).read_json("teacher", "report.json")
+        assert report["spent_usd_total"] <= 0.5 and report["errors_by_kind"]["budget"] > 0
+        billed_first = len(teacher.stats()["billed_per_prompt"])
+        assert 0 < billed_first < N_PROMPTS
+
+        text["budget_usd"] = 100.0
+        config.write_text(json.dumps(text))
+        assert main(["generate", str(config)]) == 0
+        stats = teacher.stats()
+        assert len(stats["billed_per_prompt"]) == N_PROMPTS and set(stats["billed_per_prompt"].values()) == {1}
+
+
+def test_sigkill_half_way_then_rerun_pays_each_prompt_once(prompt_set, tmp_path):
+    workdir = _workdir(prompt_set, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Like a real provider, the fake bills answers whose client died before reading them; it honours
+    # the Idempotency-Key we send, so the rerun gets those answers again for free.
+    fake = FakeTeacherConfig(api_key=os.environ[KEY_ENV], latency_s=0.25, bill_abandoned=True)
+    with FakeTeacher(fake) as teacher:
+        config = _config_file(tmp_path, workdir, teacher.base_url, max_concurrency=4)
+        command = [sys.executable, "-m", "distill_ray", "generate", str(config)]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        try:
+            while teacher.stats()["answered"] < N_PROMPTS // 2:
+                assert process.poll() is None and time.monotonic() < deadline, "generate ended before the kill"
+                time.sleep(0.05)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started, nothing else
+            process.wait()
+        paid_before = teacher.stats()["answered"]
+        assert paid_before < N_PROMPTS
+        rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        stats = teacher.stats()
+        assert len(stats["billed_per_prompt"]) == N_PROMPTS
+        assert set(stats["billed_per_prompt"].values()) == {1}  # answers in flight at the kill were not paid twice
+        assert stats["by_kind"].get("abandoned", 0) <= 4  # at most max_concurrency were in flight
+        assert len(_answers(workdir)) == N_PROMPTS

@@ -14,7 +14,6 @@ import boto3
 import pytest
 import ray
 
-
 # The fake teacher's API key, in the environment before Ray starts so that its workers inherit it
 # (as pods get theirs from a Kubernetes secret). Random per session: tests grep for it in outputs.
 os.environ.setdefault("DISTILL_TEST_TEACHER_KEY", "sk-test-" + secrets.token_hex(12))

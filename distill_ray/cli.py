@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config, resolved_yaml
+from distill_ray.filters.verifiers import FilterError
 from distill_ray.prompts.read import SourceError
 from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
 
@@ -60,6 +61,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_filter(args: argparse.Namespace) -> int:
+    from distill_ray.filters.step import run_filter
+
+    run_filter(_load(args))
+    return 0
+
+
 def cmd_teacher_serve(args: argparse.Namespace) -> int:
     from distill_ray.teacher.offline import serve
 
@@ -69,10 +77,11 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
 
 
 def _steps() -> dict[str, Callable[[PipelineConfig], object]]:
+    from distill_ray.filters.step import run_filter
     from distill_ray.prompts.step import run_prompts
     from distill_ray.teacher.generate import run_generate
 
-    return {"prompts": run_prompts, "generate": run_generate}
+    return {"prompts": run_prompts, "generate": run_generate, "filter": run_filter}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -126,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
          f"distill-ray prompts {EXAMPLE} -o prompts.size=1000")
     verb("generate", cmd_generate, "step 3a: ask every teacher for every prompt (cached, rate limited, resumable)",
          f"distill-ray generate {EXAMPLE} -o budget_usd=5")
+    verb("filter", cmd_filter, "step 3b: apply `filters:` to the teacher answers, recording each drop's reason",
+         f"distill-ray filter {EXAMPLE}")
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")
@@ -154,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    except (SourceError, MissingInput, TeacherRejected) as exc:
+    except (SourceError, MissingInput, TeacherRejected, FilterError) as exc:
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
         return 2
     except BudgetReached as exc:

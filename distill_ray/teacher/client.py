@@ -105,7 +105,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 class TeacherClient:
-    """Sends chat requests to one teacher through its cluster-wide limiter."""
+    """Sends chat requests to one teacher through its cluster-wide limiter (a `LeaseClient`)."""
 
     def __init__(self, teacher: Teacher, api_key: str | None, limiter: Any | None, session: aiohttp.ClientSession,
                  rng: random.Random | None = None):
@@ -143,11 +143,9 @@ class TeacherClient:
         start = time.monotonic()
         for attempt in range(1, t.max_retries + 2):
             answer.attempts = attempt
-            if self.limiter is not None:
-                lease = await self.limiter.acquire.remote(est_tokens, est_cost)
-                if not lease.granted:
-                    answer.error, answer.error_kind = "budget_usd reached: not sent", "budget"
-                    return answer
+            if self.limiter is not None and not await self.limiter.acquire(est_tokens, est_cost):
+                answer.error, answer.error_kind = "budget_usd reached: not sent", "budget"
+                return answer
             used, cost, delay = 0, 0.0, None
             try:
                 parsed = await self._send(body, headers)
@@ -162,13 +160,13 @@ class TeacherClient:
                 backoff = min(MAX_BACKOFF_S, t.retry_backoff_s * 2 ** (attempt - 1)) * self.rng.uniform(0.5, 1.0)
                 delay = max(backoff, exc.retry_after or 0.0)
                 if exc.kind == "429" and self.limiter is not None:
-                    self.limiter.throttle.remote(exc.retry_after if exc.retry_after is not None else backoff)
+                    self.limiter.throttle(exc.retry_after if exc.retry_after is not None else backoff)
             except _RowError as exc:
                 answer.error, answer.error_kind = str(exc), exc.kind
                 return answer
             finally:
                 if self.limiter is not None:
-                    self.limiter.settle.remote(est_tokens, used or est_tokens, est_cost, cost)
+                    self.limiter.settle(est_tokens, used or est_tokens, est_cost, cost)
             if attempt <= t.max_retries:
                 await asyncio.sleep(delay)
         answer.latency_s = time.monotonic() - start

@@ -31,7 +31,7 @@ from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, answer_key
 from distill_ray.teacher.client import TeacherClient
 from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
-from distill_ray.teacher.limiter import RateLimiter
+from distill_ray.teacher.limiter import LeaseClient, RateLimiter
 
 STEP = "teacher"
 RESULT_SCHEMA = pa.schema([("key", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
@@ -58,7 +58,7 @@ def teacher_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str,
 class TeacherWorker:
     """A Ray Data actor: sends its batches' prompts concurrently and caches each answer on arrival."""
 
-    def __init__(self, teacher_json: dict[str, Any], workdir: str, limiter: Any):
+    def __init__(self, teacher_json: dict[str, Any], workdir: str, limiter: Any, lease_batch: int):
         self.teacher = Teacher.model_validate(teacher_json)
         env = self.teacher.api_key_env
         api_key = os.environ.get(env) if env else None
@@ -67,14 +67,11 @@ class TeacherWorker:
         self.cache = AnswerCache(Workdir(workdir), self.teacher.name)
         self.cache_lock = threading.Lock()
         self.node = ray.get_runtime_context().get_node_id()[:12]
+        self.api_key = api_key
+        self.leases = LeaseClient(limiter, lease_batch)  # shared by this worker's concurrent batches
+        self.active = 0
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="teacher-io").start()
-
-        async def make_client() -> TeacherClient:
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-            return TeacherClient(self.teacher, api_key, limiter, session)
-
-        self.client = asyncio.run_coroutine_threadsafe(make_client(), self.loop).result()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -82,10 +79,20 @@ class TeacherWorker:
         return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
 
     async def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self._one(row) for row in rows)))
+        # A session per batch: its connections are reused by the batch and closed with it.
+        self.active += 1
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            client = TeacherClient(self.teacher, self.api_key, self.leases, session)
+            try:
+                return list(await asyncio.gather(*(self._one(client, row) for row in rows)))
+            finally:
+                self.active -= 1
+                self.leases.flush()
+                if self.active == 0:
+                    self.leases.close()  # idle: give unused leases back to the other workers
 
-    async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        answer = await self.client.complete(json.loads(row["request"]), row["sample"], idempotency_key=row["key"])
+    async def _one(self, client: TeacherClient, row: dict[str, Any]) -> dict[str, Any]:
+        answer = await client.complete(json.loads(row["request"]), row["sample"], idempotency_key=row["key"])
         if answer.error is None:
             record = {"key": row["key"], "teacher": self.teacher.name, "model": self.teacher.model,
                       "sample": row["sample"], "node": self.node, **answer.to_dict()}
@@ -212,7 +219,7 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
             TeacherWorker, batch_size=config.generate.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.generate.num_workers),
             fn_constructor_kwargs={"teacher_json": teacher.model_dump(mode="json"), "workdir": workdir.uri,
-                                   "limiter": limiter},
+                                   "limiter": limiter, "lease_batch": _lease_batch(teacher, config)},
             max_concurrency=config.generate.batches_per_worker, num_cpus=0.5,
         )
         start, last = time.monotonic(), time.monotonic()
@@ -265,6 +272,11 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
         "spent_usd_total": round(spent_total, 6), "estimate_rest_usd": round(mean_cost * sum(errors.values()), 6),
         "calls_by_node": dict(nodes),
     }
+
+
+def _lease_batch(teacher: Teacher, config: PipelineConfig) -> int:
+    """Requests leased per actor call: small enough that workers cannot hoard the concurrency."""
+    return max(1, min(32, teacher.max_concurrency // config.generate.num_workers))
 
 
 def _preflight(teacher: Teacher, workdir: Workdir, item: dict[str, Any], budget: float | None) -> dict[str, Any]:

@@ -25,8 +25,66 @@ RECOVERY_PER_S = 0.01  # regain 1% of the configured rate per second without a 4
 
 @dataclass
 class Lease:
-    granted: bool
-    reason: str | None = None  # "budget" when refused
+    granted: int  # how many requests may be sent
+    reason: str | None = None  # "budget" when none were granted
+
+
+class LeaseClient:
+    """A worker's side of the limiter: leases in small batches and settles in batches.
+
+    One actor call then serves several requests, which is what lets one limiter keep up with many
+    workers (bench/teacher.py measures it). A batch's unused leases are returned when it ends.
+    """
+
+    def __init__(self, limiter, batch: int, flush_s: float = 0.1):
+        self.limiter, self.batch, self.flush_s = limiter, max(1, batch), flush_s
+        self.permits = 0
+        self.waiting = 0
+        self.lock = asyncio.Lock()
+        self.est_tokens = 0
+        self.pending = [0, 0, 0.0, 0.0]  # count, token correction, estimated cost, cost
+        self.last_flush = time.monotonic()
+
+    async def acquire(self, est_tokens: int, est_cost: float) -> bool:
+        self.waiting += 1
+        try:
+            async with self.lock:
+                if self.permits == 0:
+                    lease = await self.limiter.acquire.remote(min(self.batch, self.waiting), est_tokens, est_cost)
+                    if lease.granted == 0:
+                        return False
+                    self.permits += lease.granted
+                self.permits -= 1
+                self.est_tokens = est_tokens
+                return True
+        finally:
+            self.waiting -= 1
+
+    def settle(self, est_tokens: int, used_tokens: int, est_cost: float, cost: float) -> None:
+        p = self.pending
+        p[0] += 1
+        p[1] += used_tokens - est_tokens
+        p[2] += est_cost
+        p[3] += cost
+        if p[0] >= self.batch or time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def throttle(self, retry_after_s: float) -> None:
+        self.limiter.throttle.remote(retry_after_s)
+
+    def flush(self) -> None:
+        if self.pending[0]:
+            self.limiter.settle.remote(*self.pending)
+            self.pending = [0, 0, 0.0, 0.0]
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """End of a batch: settle what is pending and return unused leases."""
+        self.flush()
+        if self.permits:
+            self.limiter.settle.remote(self.permits, 0, 0.0, 0.0)
+            self.limiter.refund.remote(self.permits, self.est_tokens)
+            self.permits = 0
 
 
 class TokenBucket:
@@ -35,7 +93,9 @@ class TokenBucket:
     def __init__(self, rate_per_s: float, burst_s: float = 1.0):
         self.rate = rate_per_s
         self.capacity = max(1.0, rate_per_s * burst_s)
-        self.level = self.capacity
+        # Start empty: a provider counts requests per sliding minute, and a full bucket at start
+        # would let the first minute see the limit plus one burst.
+        self.level = 0.0
         self.stamp = time.monotonic()
 
     def refill(self, factor: float) -> None:
@@ -76,11 +136,18 @@ class RateLimiter:
         if self.factor < 1.0 and now - self.last_429 > 1.0:
             self.factor = min(1.0, self.factor + RECOVERY_PER_S * elapsed)
 
-    async def acquire(self, est_tokens: int, est_cost: float) -> Lease:
-        """Wait for a request slot, tokens and concurrency; refuse when the budget would be exceeded."""
+    async def acquire(self, count: int, est_tokens: int, est_cost: float) -> Lease:
+        """Lease up to `count` requests (each of `est_tokens` tokens and `est_cost` dollars).
+
+        Waits until at least one can be granted; grants as many as the buckets, the free concurrency
+        slots and the budget allow at that moment. Refused (granted 0) only by the budget.
+        """
         async with self.lock:
-            if self.budget is not None and self.spent + self.reserved + est_cost > self.budget:
-                return Lease(False, "budget")
+            affordable = count if self.budget is None or est_cost <= 0 else int(
+                (self.budget - self.spent - self.reserved) // est_cost)
+            if affordable <= 0:
+                return Lease(0, "budget")
+            count = min(count, affordable)
             while True:
                 now = time.monotonic()
                 if now < self.paused_until:
@@ -95,20 +162,33 @@ class RateLimiter:
                 if wait <= 0:
                     break
                 await asyncio.sleep(min(wait, 0.25))
-            self.requests.level -= 1
+            granted = min(count, int(self.requests.level), self.max_concurrency - self.in_flight)
             if self.tokens is not None:
-                self.tokens.level -= est_tokens
-            self.in_flight += 1
-            self.reserved += est_cost
-            return Lease(True)
+                granted = min(granted, max(1, int(self.tokens.level // max(1, est_tokens))))
+            granted = max(1, granted)
+            self.requests.level -= granted
+            if self.tokens is not None:
+                self.tokens.level -= granted * est_tokens
+            self.in_flight += granted
+            self.reserved += granted * est_cost
+            return Lease(granted)
 
-    def settle(self, est_tokens: int, used_tokens: int, est_cost: float, cost: float) -> None:
-        """End a lease: correct the token bucket and the spend with the real usage."""
-        self.in_flight = max(0, self.in_flight - 1)
+    def settle(self, count: int, token_correction: int, est_cost: float, cost: float) -> None:
+        """End `count` leases: free their slots, correct tokens and spend with the real usage.
+
+        Unused leases come back the same way with `cost` 0; their request permits are refunded.
+        """
+        self.in_flight = max(0, self.in_flight - count)
         self.reserved = max(0.0, self.reserved - est_cost)
         self.spent += cost
         if self.tokens is not None:
-            self.tokens.level -= used_tokens - est_tokens  # a refund when the estimate was high
+            self.tokens.level -= token_correction  # a refund when estimates were high
+
+    def refund(self, count: int, est_tokens: int) -> None:
+        """Leases granted but never used (their batch ended): give the permits back."""
+        self.requests.level = min(self.requests.capacity, self.requests.level + count)
+        if self.tokens is not None:
+            self.tokens.level = min(self.tokens.capacity, self.tokens.level + count * est_tokens)
 
     def throttle(self, retry_after_s: float) -> None:
         """A 429: pause everyone for Retry-After and slow down."""

@@ -41,6 +41,7 @@ DEFAULT_MAX_TOKENS = 256
 MAX_TOP_LOGPROBS = 20
 MIN_SHARED_PREFIX = 32  # tokens; below this a separate prefix pass costs more than it saves
 PREFIX_CACHE_SIZE = 4
+ENGINE = web.AppKey("engine", "BatchGenerator")  # the app's batch worker, for callers that want its stats
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -241,7 +242,7 @@ class BatchGenerator:
         if not self.reuse_prefix:
             return 0, []
         histories = [r.prompt_ids[: r.history_len] for r in requests]
-        common = min(len(h) for h in histories)
+        common = min(min(len(h) for h in histories), min(len(r.prompt_ids) for r in requests) - 1)
         for h in histories[1:]:
             common = next((j for j, (a, b) in enumerate(zip(histories[0][:common], h[:common], strict=True)) if a != b), common)
         if common < MIN_SHARED_PREFIX:
@@ -555,7 +556,7 @@ def build_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, mod
         await asyncio.to_thread(engine.stop)
 
     app = web.Application(middlewares=[openai_errors], client_max_size=16 << 20)
-    app["engine"] = engine
+    app[ENGINE] = engine
     app.cleanup_ctx.append(run_engine)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -576,7 +577,7 @@ def model_name_of(spec: str) -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2", max_batch: int = 8,
-          api_key_env: str | None = None, threads: int | None = None) -> None:
+          api_key_env: str | None = None, threads: int | None = None, batch_wait_ms: float = 10) -> None:
     """Load the model and serve it until SIGTERM or SIGINT (blocking).
 
     Prints ``offline teacher: serving <name> on http://host:port/v1`` once it accepts requests.
@@ -589,6 +590,7 @@ def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2"
         api_key_env: the environment variable holding the bearer token to require; unset or empty
             variable means no authentication.
         threads: torch CPU threads (default: all cores).
+        batch_wait_ms: how long a batch waits for more requests to join it.
     """
     from distill_ray.models import load_causal_lm
 
@@ -596,7 +598,8 @@ def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2"
     model, tokenizer = load_causal_lm(model_spec)
     name = model_name_of(model_spec)
     api_key = (os.environ.get(api_key_env) or None) if api_key_env else None
-    app = build_app(model, tokenizer, model_name=name, max_batch=max_batch, api_key=api_key)
+    app = build_app(model, tokenizer, model_name=name, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                    api_key=api_key)
 
     async def run() -> None:
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -608,8 +611,9 @@ def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2"
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopped.set)
         bound = runner.addresses[0][1] if runner.addresses else port
-        print(f"offline teacher: serving {name} on http://{host}:{bound}/v1"
-              + (f" (bearer key from ${api_key_env})" if api_key else ""), flush=True)
+        auth = "" if not api_key_env else f" (bearer key from ${api_key_env})" if api_key else \
+            f" (no authentication: ${api_key_env} is not set)"
+        print(f"offline teacher: serving {name} on http://{host}:{bound}/v1{auth}", flush=True)
         try:
             await stopped.wait()
         finally:
@@ -631,9 +635,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--api-key-env", default=None, help="require this env var's value as the bearer token")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10,
+                        help="how long a batch waits for more requests to join it (default 10)")
     args = parser.parse_args(argv)
     serve(host=args.host, port=args.port, model_spec=args.model, max_batch=args.max_batch,
-          api_key_env=args.api_key_env, threads=args.threads)
+          api_key_env=args.api_key_env, threads=args.threads, batch_wait_ms=args.batch_wait_ms)
 
 
 if __name__ == "__main__":

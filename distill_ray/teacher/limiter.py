@@ -42,6 +42,7 @@ class LeaseClient:
         self.waiting = 0
         self.lock = asyncio.Lock()
         self.est_tokens = 0
+        self.est_cost = 0.0
         self.pending = [0, 0, 0.0, 0.0]  # count, token correction, estimated cost, cost
         self.last_flush = time.monotonic()
 
@@ -55,7 +56,7 @@ class LeaseClient:
                         return False
                     self.permits += lease.granted
                 self.permits -= 1
-                self.est_tokens = est_tokens
+                self.est_tokens, self.est_cost = est_tokens, est_cost
                 return True
         finally:
             self.waiting -= 1
@@ -82,7 +83,8 @@ class LeaseClient:
         """End of a batch: settle what is pending and return unused leases."""
         self.flush()
         if self.permits:
-            self.limiter.settle.remote(self.permits, 0, 0.0, 0.0)
+            # Unused leases: free their slots and their reserved cost, and refund their permits.
+            self.limiter.settle.remote(self.permits, 0, self.permits * self.est_cost, 0.0)
             self.limiter.refund.remote(self.permits, self.est_tokens)
             self.permits = 0
 

@@ -110,9 +110,25 @@ async def _bare(base_url: str, n: int, concurrency: int) -> None:
         await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def _throughput(stats: dict) -> float:
-    stamps = sorted(stats["answered_timestamps"])
+def _throughput(stats: dict, skip_first: bool) -> float:
+    """Answers/s between the first and last answer (after the driver's preflight one, for ours:
+    the worker pool starts several seconds after it)."""
+    stamps = sorted(stats["answered_timestamps"])[1 if skip_first else 0:]
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+
+
+def rate_limit(args: argparse.Namespace, tmp: str, n: int) -> None:
+    with FakeTeacher(FakeTeacherConfig(rpm=int(args.rpm), latency_s=args.latency)) as teacher:
+        mine = ours(teacher, tmp, n, args.rpm, concurrency=64, workers=4)
+        rate, limited = _rate(mine["stats"], args.seconds)
+        print(f"rate limit R={args.rpm:.0f}/min, {n} prompts, latency {args.latency * 1000:.0f} ms, 4 workers")
+        print(f"  distill-ray generate: answered {rate:.1f}/min over {args.seconds:.0f}s = {rate / args.rpm:.3f} x R; "
+              f"429s {limited:.1%} of {mine['stats']['requests']} requests")
+        base = baseline(teacher, n, args.rpm, concurrency=4, seconds=args.seconds)
+        base_rate, base_limited = _rate(base["stats"], args.seconds)
+        print(f"  ray.data.llm HTTP processor (qps={base['qps']}/worker x 4): answered {base_rate:.1f}/min = "
+              f"{base_rate / args.rpm:.3f} x R; 429s {base_limited:.1%} of {base['stats']['requests']} requests")
+        print(f"  ratio ours / ray.data.llm: {rate / max(base_rate, 1e-9):.2f}")
 
 
 def main() -> None:
@@ -121,23 +137,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120, help="measurement window for the rate")
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-rate", action="store_true")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(num_cpus=2, logging_level=logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     n = int(args.rpm * args.seconds / 60 * 1.1) + 20
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
-        with FakeTeacher(FakeTeacherConfig(rpm=int(args.rpm), latency_s=args.latency)) as teacher:
-            mine = ours(teacher, tmp, n, args.rpm, concurrency=64, workers=4)
-            rate, limited = _rate(mine["stats"], args.seconds)
-            print(f"rate limit R={args.rpm:.0f}/min, {n} prompts, latency {args.latency * 1000:.0f} ms, 4 workers")
-            print(f"  distill-ray generate: answered {rate:.1f}/min over {args.seconds:.0f}s = {rate / args.rpm:.3f} x R; "
-                  f"429s {limited:.1%} of {mine['stats']['requests']} requests")
-            base = baseline(teacher, n, args.rpm, concurrency=4, seconds=args.seconds)
-            base_rate, base_limited = _rate(base["stats"], args.seconds)
-            print(f"  ray.data.llm HTTP processor (qps={base['qps']}/worker x 4): answered {base_rate:.1f}/min = "
-                  f"{base_rate / args.rpm:.3f} x R; 429s {base_limited:.1%} of {base['stats']['requests']} requests")
-            print(f"  ratio ours / ray.data.llm: {rate / max(base_rate, 1e-9):.2f}")
+        if not args.skip_rate:
+            rate_limit(args, tmp, n)
         if args.skip_throughput:
             return
         print(f"no limit, {args.latency * 1000:.0f} ms latency: answers/s (server ledger)")
@@ -145,10 +153,10 @@ def main() -> None:
             for concurrency in (8, 32, 128):
                 count = max(400, int(concurrency / args.latency * 4))
                 mine = ours(teacher, tmp, count, 1e7, concurrency=concurrency, workers=2)
-                ours_rps = _throughput(mine["stats"])
+                ours_rps = _throughput(mine["stats"], skip_first=True)
                 teacher.reset()
                 asyncio.run(_bare(teacher.base_url, count, concurrency))
-                bare_rps = _throughput(teacher.stats())
+                bare_rps = _throughput(teacher.stats(), skip_first=False)
                 print(f"  max_concurrency {concurrency:>3}: distill-ray {ours_rps:7.1f}/s, bare asyncio loop "
                       f"{bare_rps:7.1f}/s, ratio {ours_rps / bare_rps:.2f} (ideal {concurrency / args.latency:.0f}/s)")
     print(json.dumps({"done": True}))

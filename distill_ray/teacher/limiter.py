@@ -36,7 +36,7 @@ class LeaseClient:
     workers (bench/teacher.py measures it). A batch's unused leases are returned when it ends.
     """
 
-    def __init__(self, limiter, batch: int, flush_s: float = 0.1):
+    def __init__(self, limiter, batch: int, flush_s: float = 0.01):
         self.limiter, self.batch, self.flush_s = limiter, max(1, batch), flush_s
         self.permits = 0
         self.waiting = 0

@@ -23,10 +23,10 @@ EXAMPLE = "jobs/configs/support_orders.yaml"
 
 def check_inputs(config: PipelineConfig) -> list[Problem]:
     """Problems with what the config points at (checked by validate and before every step)."""
-    from distill_ray.prompts.read import plan_units, source_files
+    from distill_ray.prompts.read import check_source
 
     try:
-        plan_units(source_files(config.prompts), config.prompts)
+        check_source(config.prompts)
     except SourceError as exc:
         key, _, message = str(exc).partition(": ")
         return [Problem(key=key, message=message)]
@@ -47,24 +47,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prompts(args: argparse.Namespace) -> int:
-    from distill_ray.prompts.step import run_prompts
-
-    run_prompts(_load(args))
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from distill_ray.teacher.generate import run_generate
-
-    run_generate(_load(args))
-    return 0
-
-
-def cmd_filter(args: argparse.Namespace) -> int:
-    from distill_ray.filters.step import run_filter
-
-    run_filter(_load(args))
+def cmd_step(args: argparse.Namespace) -> int:
+    """One pipeline step, by its verb (prompts, generate, filter)."""
+    _steps()[args.verb](_load(args))
     return 0
 
 
@@ -131,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("validate", cmd_validate, "check a config and print it resolved (defaults filled, secrets masked)",
          f"distill-ray validate {EXAMPLE} -o workdir=s3://my-bucket/runs/x")
-    verb("prompts", cmd_prompts, "step 2: build the deduplicated prompt set with its holdout split from logs",
+    verb("prompts", cmd_step, "step 2: build the deduplicated prompt set with its holdout split from logs",
          f"distill-ray prompts {EXAMPLE} -o prompts.size=1000")
-    verb("generate", cmd_generate, "step 3a: ask every teacher for every prompt (cached, rate limited, resumable)",
+    verb("generate", cmd_step, "step 3a: ask every teacher for every prompt (cached, rate limited, resumable)",
          f"distill-ray generate {EXAMPLE} -o budget_usd=5")
-    verb("filter", cmd_filter, "step 3b: apply `filters:` to the teacher answers, recording each drop's reason",
+    verb("filter", cmd_step, "step 3b: apply `filters:` to the teacher answers, recording each drop's reason",
          f"distill-ray filter {EXAMPLE}")
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")

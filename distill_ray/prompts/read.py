@@ -86,19 +86,30 @@ def source_files(cfg: Prompts) -> list[str]:
     return files
 
 
-def plan_units(files: list[str], cfg: Prompts, chunk_bytes: int = CHUNK_BYTES) -> list[Unit]:
-    """Cut the source into units; JSONL line numbers come from counting newlines per chunk.
+def check_source(cfg: Prompts) -> list[str]:
+    """The source files, after the cheap checks (they exist, their format is known, not all empty).
 
     Raises:
-        SourceError: when every source file is empty.
+        SourceError: naming the key and the file(s).
     """
-    units: list[Unit] = []
+    files = source_files(cfg)
     total_bytes = 0
+    for uri in files:
+        source_format(uri, cfg.format)
+        fs, path = filesystem_for(uri)
+        total_bytes += fs.get_file_info(path).size or 0
+    if total_bytes == 0:
+        raise SourceError(f"prompts.source: the source is empty: {', '.join(files)} hold(s) no rows")
+    return files
+
+
+def plan_units(files: list[str], cfg: Prompts, chunk_bytes: int = CHUNK_BYTES) -> list[Unit]:
+    """Cut the (checked) source into units; JSONL line numbers come from counting newlines per chunk."""
+    units: list[Unit] = []
     for index, uri in enumerate(files):
         fmt = source_format(uri, cfg.format)
         fs, path = filesystem_for(uri)
         size = fs.get_file_info(path).size or 0
-        total_bytes += size
         if size == 0:
             continue
         if fmt == "jsonl":
@@ -118,8 +129,6 @@ def plan_units(files: list[str], cfg: Prompts, chunk_bytes: int = CHUNK_BYTES) -
                 row += meta.row_group(group).num_rows
         else:
             units.append(Unit(uri, index, fmt))
-    if total_bytes == 0:
-        raise SourceError(f"prompts.source: the source is empty: {', '.join(files)} hold(s) no rows")
     return units
 
 

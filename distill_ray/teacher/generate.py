@@ -70,6 +70,7 @@ class TeacherWorker:
         self.api_key = api_key
         self.leases = LeaseClient(limiter, lease_batch)  # shared by this worker's concurrent batches
         self.active = 0
+        self.client: TeacherClient | None = None
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="teacher-io").start()
 
@@ -79,17 +80,18 @@ class TeacherWorker:
         return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
 
     async def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # A session per batch: its connections are reused by the batch and closed with it.
+        if self.client is None:
+            # One session per worker, made on its event loop: connections are kept alive across batches.
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
+            self.client = TeacherClient(self.teacher, self.api_key, self.leases, session)
         self.active += 1
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            client = TeacherClient(self.teacher, self.api_key, self.leases, session)
-            try:
-                return list(await asyncio.gather(*(self._one(client, row) for row in rows)))
-            finally:
-                self.active -= 1
-                self.leases.flush()
-                if self.active == 0:
-                    self.leases.close()  # idle: give unused leases back to the other workers
+        try:
+            return list(await asyncio.gather(*(self._one(self.client, row) for row in rows)))
+        finally:
+            self.active -= 1
+            self.leases.flush()
+            if self.active == 0:
+                self.leases.close()  # idle: give unused leases back to the other workers
 
     async def _one(self, client: TeacherClient, row: dict[str, Any]) -> dict[str, Any]:
         answer = await client.complete(json.loads(row["request"]), row["sample"], idempotency_key=row["key"])
@@ -217,29 +219,29 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
         ds = ray.data.from_items([{"key": w["key"], "sample": w["sample"], "request": w["request"]} for w in pending])
         mapped = ds.map_batches(
             TeacherWorker, batch_size=config.generate.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=config.generate.num_workers),
+            # Several batches per worker at once: their __call__ threads hand the rows to the worker's
+            # event loop (true multi-threading, or Ray Data would run one UDF call at a time per actor).
+            compute=ray.data.ActorPoolStrategy(size=config.generate.num_workers,
+                                               max_concurrent_calls_per_actor=config.generate.batches_per_worker,
+                                               enable_true_multi_threading=True),
             fn_constructor_kwargs={"teacher_json": teacher.model_dump(mode="json"), "workdir": workdir.uri,
                                    "limiter": limiter, "lease_batch": _lease_batch(teacher, config)},
-            max_concurrency=config.generate.batches_per_worker, num_cpus=0.5,
+            num_cpus=0.5,
         )
-        start, last = time.monotonic(), time.monotonic()
+        progress = _Progress(teacher.name, limiter, len(pending), spent_before, results, config.generate.progress_every_s,
+                             echo)
         try:
             for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
                 for r in batch.to_pylist():
                     results[r["key"]] = r
                     nodes[r["node"]] += 1
-                if time.monotonic() - last >= config.generate.progress_every_s:
-                    last = time.monotonic()
-                    errs = sum(1 for r in results.values() if r["error"])
-                    spent = sum(r["cost_usd"] or 0 for r in results.values())
-                    echo(f"generate[{teacher.name}]: {len(results)}/{len(pending)} done, "
-                         f"{len(results) / (last - start):.1f}/s, {errs} errors, ${spent_before + spent:.4f} spent")
         except Exception as exc:
             rejected = _rejection(exc)
             if rejected is not None:
                 raise rejected from None
             raise
         finally:
+            progress.stop()
             ray.kill(limiter)
     answers = cache.load()
     rows, errors = [], Counter()
@@ -272,6 +274,36 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
         "spent_usd_total": round(spent_total, 6), "estimate_rest_usd": round(mean_cost * sum(errors.values()), 6),
         "calls_by_node": dict(nodes),
     }
+
+
+class _Progress:
+    """A line every `every_s` seconds from the limiter's counters (answers arrive long before their
+    batch ends): answered, rate, in flight, row errors so far, spend, 429s."""
+
+    def __init__(self, name: str, limiter: Any, total: int, spent_before: float, results: dict[str, Any],
+                 every_s: float, echo: Callable[[str], None]):
+        self.name, self.limiter, self.total, self.spent_before = name, limiter, total, spent_before
+        self.results, self.every_s, self.echo = results, every_s, echo
+        self.start = time.monotonic()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="generate-progress")
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.every_s):
+            try:
+                state = ray.get(self.limiter.state.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is best effort; the step reports errors itself
+                continue
+            elapsed = time.monotonic() - self.start
+            errors = sum(1 for r in list(self.results.values()) if r["error"])
+            self.echo(f"generate[{self.name}]: {state['answered']}/{self.total} answered, "
+                      f"{state['answered'] / elapsed:.1f}/s, {state['in_flight']} in flight, {errors} row errors, "
+                      f"${self.spent_before + state['spent_usd']:.4f} spent, {state['throttled']} 429s")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
 
 
 def _lease_batch(teacher: Teacher, config: PipelineConfig) -> int:

@@ -43,8 +43,9 @@ class LeaseClient:
         self.lock = asyncio.Lock()
         self.est_tokens = 0
         self.est_cost = 0.0
-        self.pending = [0, 0, 0.0, 0.0]  # count, token correction, estimated cost, cost
+        self.pending = [0, 0, 0.0, 0.0, 0]  # count, token correction, estimated cost, cost, answered
         self.last_flush = time.monotonic()
+        self.flush_timer: asyncio.TimerHandle | None = None
 
     async def acquire(self, est_tokens: int, est_cost: float) -> bool:
         self.waiting += 1
@@ -61,22 +62,29 @@ class LeaseClient:
         finally:
             self.waiting -= 1
 
-    def settle(self, est_tokens: int, used_tokens: int, est_cost: float, cost: float) -> None:
+    def settle(self, est_tokens: int, used_tokens: int, est_cost: float, cost: float, answered: bool) -> None:
         p = self.pending
         p[0] += 1
         p[1] += used_tokens - est_tokens
         p[2] += est_cost
         p[3] += cost
+        p[4] += int(answered)
         if p[0] >= self.batch or time.monotonic() - self.last_flush >= self.flush_s:
             self.flush()
+        elif self.flush_timer is None:
+            # Never hold a finished request's slot for long: the other workers may be waiting on it.
+            self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
 
     def throttle(self, retry_after_s: float) -> None:
         self.limiter.throttle.remote(retry_after_s)
 
     def flush(self) -> None:
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
         if self.pending[0]:
             self.limiter.settle.remote(*self.pending)
-            self.pending = [0, 0, 0.0, 0.0]
+            self.pending = [0, 0, 0.0, 0.0, 0]
         self.last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -124,6 +132,7 @@ class RateLimiter:
         self.in_flight = 0
         self.budget = budget_usd
         self.spent = spent_usd
+        self.answered = 0  # answers received (progress)
         self.reserved = 0.0
         self.factor = 1.0
         self.paused_until = 0.0
@@ -131,6 +140,7 @@ class RateLimiter:
         self.throttled = 0
         self.recover_stamp = time.monotonic()
         self.lock = asyncio.Lock()  # FIFO: leases are granted in the order they were asked
+        self.freed = asyncio.Event()  # set whenever in-flight slots come back
 
     def _recover(self, now: float) -> None:
         """Additive increase: regain rate while no 429 has come for a second."""
@@ -160,7 +170,12 @@ class RateLimiter:
                 if self.tokens is not None:
                     wait = max(wait, self.tokens.wait_for(est_tokens, self.factor))
                 if self.in_flight >= self.max_concurrency:
-                    wait = max(wait, 0.005)
+                    self.freed.clear()
+                    try:  # woken as soon as a settle frees a slot
+                        await asyncio.wait_for(self.freed.wait(), timeout=max(wait, 0.25))
+                    except TimeoutError:
+                        pass
+                    continue
                 if wait <= 0:
                     break
                 await asyncio.sleep(min(wait, 0.25))
@@ -175,12 +190,14 @@ class RateLimiter:
             self.reserved += granted * est_cost
             return Lease(granted)
 
-    def settle(self, count: int, token_correction: int, est_cost: float, cost: float) -> None:
+    async def settle(self, count: int, token_correction: int, est_cost: float, cost: float, answered: int = 0) -> None:
         """End `count` leases: free their slots, correct tokens and spend with the real usage.
 
         Unused leases come back the same way with `cost` 0; their request permits are refunded.
         """
         self.in_flight = max(0, self.in_flight - count)
+        self.freed.set()
+        self.answered += answered
         self.reserved = max(0.0, self.reserved - est_cost)
         self.spent += cost
         if self.tokens is not None:
@@ -202,5 +219,5 @@ class RateLimiter:
         self.last_429 = now
 
     def state(self) -> dict:
-        return {"in_flight": self.in_flight, "spent_usd": self.spent, "reserved_usd": self.reserved,
+        return {"answered": self.answered, "in_flight": self.in_flight, "spent_usd": self.spent, "reserved_usd": self.reserved,
                 "rate_factor": round(self.factor, 3), "throttled": self.throttled}

@@ -312,7 +312,8 @@ def model_name_of(spec: str) -> str:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2", max_batch: int = 8,
-          api_key_env: str | None = None, threads: int | None = None, batch_wait_ms: float = 10) -> None:
+          api_key_env: str | None = None, threads: int | None = None, batch_wait_ms: float = 10,
+          parent_pid: int | None = None) -> None:
     """Load the model and serve it until SIGTERM or SIGINT (blocking).
 
     Prints ``offline teacher: serving <name> on http://host:port/v1`` once it accepts requests.
@@ -326,6 +327,7 @@ def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2"
             variable means no authentication.
         threads: torch CPU threads (default: all cores).
         batch_wait_ms: how long a batch waits for more requests to join it.
+        parent_pid: stop when this process is gone (a launcher killed with SIGKILL leaves no orphan).
     """
     from distill_ray.models import load_causal_lm
 
@@ -345,6 +347,8 @@ def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2"
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopped.set)
+        if parent_pid:
+            loop.create_task(_stop_with(parent_pid, stopped))
         bound = runner.addresses[0][1] if runner.addresses else port
         auth = "" if not api_key_env else f" (bearer key from ${api_key_env})" if api_key else \
             f" (no authentication: ${api_key_env} is not set)"
@@ -356,6 +360,19 @@ def serve(host: str = "127.0.0.1", port: int = 8100, model_spec: str = "smollm2"
         print("offline teacher: stopped", flush=True)
 
     asyncio.run(run())
+
+
+async def _stop_with(pid: int, stopped: asyncio.Event) -> None:
+    while not stopped.is_set():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"offline teacher: process {pid} that started it is gone; stopping", flush=True)
+            stopped.set()
+            return
+        except PermissionError:
+            pass  # exists, owned by someone else
+        await asyncio.sleep(1.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,9 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--batch-wait-ms", type=float, default=10,
                         help="how long a batch waits for more requests to join it (default 10)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
     args = parser.parse_args(argv)
     serve(host=args.host, port=args.port, model_spec=args.model, max_batch=args.max_batch,
-          api_key_env=args.api_key_env, threads=args.threads, batch_wait_ms=args.batch_wait_ms)
+          api_key_env=args.api_key_env, threads=args.threads, batch_wait_ms=args.batch_wait_ms,
+          parent_pid=args.parent_pid)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,30 @@ def test_sigkill_half_way_then_rerun_pays_each_prompt_once(prompt_set, tmp_path)
         assert set(stats["billed_per_prompt"].values()) == {1}  # answers in flight at the kill were not paid twice
         assert stats["by_kind"].get("abandoned", 0) <= 4  # at most max_concurrency were in flight
         assert len(_answers(workdir)) == N_PROMPTS
+
+
+def test_every_prompt_to_every_teacher_within_each_ones_limits(prompt_set, tmp_path):
+    """Two teachers: each gets every prompt; one's max_concurrency and the other's requests/min hold
+    across both workers (the limiter is one actor per teacher, not per worker)."""
+    workdir = _workdir(prompt_set, tmp_path)
+    key = os.environ[KEY_ENV]
+    with FakeTeacher(FakeTeacherConfig(api_key=key, latency_s=0.2)) as slow, \
+         FakeTeacher(FakeTeacherConfig(api_key=key, rpm=600)) as limited:
+        path = _config_file(tmp_path, workdir, slow.base_url, name="slow", max_concurrency=3)
+        config = json.loads(path.read_text())
+        config["teachers"].append({**config["teachers"][0], "name": "limited", "base_url": limited.base_url,
+                                   "requests_per_minute": 600, "max_concurrency": 64})
+        path.write_text(json.dumps(config))
+        assert main(["generate", str(path)]) == 0
+
+        rows = _answers(workdir)
+        assert len(rows) == 2 * N_PROMPTS and not [r for r in rows if r["error"]]
+        by_teacher = {name: sorted(r["id"] for r in rows if r["teacher"] == name) for name in ("slow", "limited")}
+        assert by_teacher["slow"] == by_teacher["limited"] and len(set(by_teacher["slow"])) == N_PROMPTS
+
+        slow_stats, limited_stats = slow.stats(), limited.stats()
+        assert 2 <= slow_stats["max_in_flight"] <= 3  # concurrent, yet never above the shared cap
+        stamps = sorted(limited_stats["answered_timestamps"])
+        # 600/min = 10/s from an empty bucket: 40 answers cannot come faster than about 4 s.
+        assert stamps[-1] - stamps[0] >= (N_PROMPTS - 1) / 10 * 0.85
+        assert limited_stats["by_kind"].get("rate_limited", 0) == 0

@@ -85,7 +85,7 @@ def test_resolved_yaml_masks_credentials(monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-secret-value")
     config = load_config(None, [
         "teachers.0.base_url=https://user:pa55word@api.example.com/v1?api_key=abc123",
-        "teachers.0.api_key_env=MY_KEY",
+        "teachers.0.api_key_env=MY_KEY", "teachers.0.launch=null",
     ])
     text = resolved_yaml(config)
     assert "pa55word" not in text and "abc123" not in text and "sk-secret-value" not in text
@@ -124,3 +124,10 @@ def test_every_shipped_config_validates(monkeypatch):
         for source in sources:
             if not source.startswith("s3://"):
                 assert os.path.exists(source), f"{path}: prompts.source {source} is missing"
+
+
+def test_a_launched_teacher_must_be_local():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["teachers.0.base_url=https://api.example.com/v1"])
+    assert "teachers.0" in str(err.value) and "launch: null" in str(err.value)
+    assert load_config(None, ["teachers.0.base_url=https://api.example.com/v1", "teachers.0.launch=null"])

@@ -20,6 +20,7 @@ from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config
 from distill_ray.filters.verifiers import FilterError
 from distill_ray.prompts.read import SourceError
 from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
+from distill_ray.train.data import TrainDataError
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
 TEACHER_STEPS = {"generate"}  # the steps that call a teacher: its `launch` server runs while they do
@@ -88,8 +89,9 @@ def _steps() -> dict[str, Callable[[PipelineConfig], object]]:
     from distill_ray.filters.step import run_filter
     from distill_ray.prompts.step import run_prompts
     from distill_ray.teacher.generate import run_generate
+    from distill_ray.train.step import run_train
 
-    return {"prompts": run_prompts, "generate": run_generate, "filter": run_filter}
+    return {"prompts": run_prompts, "generate": run_generate, "filter": run_filter, "train": run_train}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
          f"distill-ray generate {EXAMPLE} -o budget_usd=5")
     verb("filter", cmd_step, "step 3b: apply `filters:` to the teacher answers, recording each drop's reason",
          f"distill-ray filter {EXAMPLE}")
+    verb("train", cmd_step, "steps 4-5: fine-tune each student on the filtered answers (Ray Train + DeepSpeed)",
+         f"distill-ray train {EXAMPLE} -o train.max_steps=20")
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    except (SourceError, MissingInput, TeacherRejected, FilterError) as exc:
+    except (SourceError, MissingInput, TeacherRejected, FilterError, TrainDataError) as exc:
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
         return 2
     except BudgetReached as exc:

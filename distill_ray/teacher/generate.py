@@ -81,17 +81,23 @@ class TeacherWorker:
 
     async def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.client is None:
-            # One session per worker, made on its event loop: connections are kept alive across batches.
+            # One session per busy spell of the worker, made on its event loop: connections are kept
+            # alive across the batches it runs at once and back to back.
             session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
             self.client = TeacherClient(self.teacher, self.api_key, self.leases, session)
         self.active += 1
+        client = self.client
         try:
-            return list(await asyncio.gather(*(self._one(self.client, row) for row in rows)))
+            return list(await asyncio.gather(*(self._one(client, row) for row in rows)))
         finally:
             self.active -= 1
             self.leases.flush()
             if self.active == 0:
-                self.leases.close()  # idle: give unused leases back to the other workers
+                # Idle: give unused leases back to the other workers, and close the connections
+                # (an actor's end gives no chance to; the next batch opens new ones).
+                self.leases.close()
+                self.client = None
+                await client.session.close()
 
     async def _one(self, client: TeacherClient, row: dict[str, Any]) -> dict[str, Any]:
         answer = await client.complete(json.loads(row["request"]), row["sample"], idempotency_key=row["key"])

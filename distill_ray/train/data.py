@@ -1,0 +1,114 @@
+"""Training examples from `filtered/`: what the student sees, tokenised with its chat template.
+
+The student is trained on the task's instructions (as the system turn) and the prompt, without the
+teacher's few-shot turns: it learns to answer the way a client will call it. The loss covers the
+completion tokens only (prompt tokens get the label -100).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from distill_ray.config.schema import PipelineConfig, Task
+from distill_ray.storage import Workdir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+# For tokenizers without a chat template: ChatML, which SmolLM2, Qwen and many others use.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TrainDataError(ValueError):
+    """The training data cannot be built (exit 2)."""
+
+
+def student_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What the student is asked: the task's instructions as the system turn, then the prompt."""
+    messages = [{"role": "system", "content": task.instructions}] if task.instructions else []
+    return messages + [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def load_examples(config: PipelineConfig, workdir: Workdir) -> dict[str, list[dict[str, Any]]]:
+    """Kept answers by split: one example per prompt, from the first teacher (config order) that
+    has a kept answer for it (sample 0 first). Holdout rows are for evaluation only."""
+    table = workdir.read_table("filtered", "rows")
+    order = {t.name: i for i, t in enumerate(config.teachers)}
+    best: dict[str, dict[str, Any]] = {}
+    for row in table.to_pylist():
+        if not row["kept"]:
+            continue
+        rank = (order.get(row["teacher"], len(order)), row["sample"])
+        if row["id"] not in best or rank < best[row["id"]]["_rank"]:
+            best[row["id"]] = {**row, "_rank": rank}
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "holdout": []}
+    for row in sorted(best.values(), key=lambda r: r["id"]):
+        out[row["split"]].append({
+            "id": row["id"], "category": row["category"], "reference": row["reference"],
+            "teacher": row["teacher"], "messages": student_messages(config.task, row["messages"]),
+            "completion": row["completion"],
+        })
+    return out
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> None:
+    if template:
+        tokenizer.chat_template = template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
+    """input_ids and labels (prompt masked) of one example, cut to max_seq_len (`truncated` says so).
+
+    The completion ends with the tokenizer's end-of-turn token so the student learns to stop.
+    """
+    prompt = prompt_ids(tokenizer, example["messages"])
+    answer = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt + answer
+    labels = [IGNORE] * len(prompt) + answer
+    truncated = len(ids) > max_seq_len
+    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len], "truncated": truncated,
+            "prompt_len": len(prompt)}
+
+
+def bucketed(rows: list[dict[str, Any]], batch_size: int, seed: int) -> list[dict[str, Any]]:
+    """Order rows so each run of `batch_size` has similar lengths (less padding), batches shuffled."""
+    rng = random.Random(seed)
+    rows = list(rows)
+    rng.shuffle(rows)
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(rows), window):
+        chunk = sorted(rows[start:start + window], key=lambda r: len(r["input_ids"]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [row for batch in batches for row in batch]
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors for training: input_ids, attention_mask, labels."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

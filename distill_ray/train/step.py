@@ -1,0 +1,189 @@
+"""Steps 4-5: fine-tune each student on the filtered teacher answers with Ray Train and DeepSpeed.
+
+Everything that can be wrong with the inputs is checked on the driver before a worker starts
+(exit 2): no training rows, a base model that does not exist, a DeepSpeed preset that does not
+exist, `max_seq_len` shorter than the shortest prompt. Each student then trains in its own Ray
+Train run whose checkpoints live under `students/<name>/ray/`: a crashed run restarts from its last
+checkpoint (up to `train.max_failures` times), and running `distill-ray train` again after a crash
+resumes it; after success it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distill_ray.config.schema import PipelineConfig, Student
+from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
+from distill_ray.models import ModelNotFoundError
+from distill_ray.storage import Workdir, filesystem_for
+from distill_ray.teacher.errors import MissingInput
+from distill_ray.train.data import TrainDataError, bucketed, load_examples, tokenize
+from distill_ray.train.deepspeed_config import deepspeed_config, load_preset
+from distill_ray.train.students import prepare_student
+
+HOLDOUT_LOSS_ROWS = 256  # holdout rows scored for loss at each eval
+
+
+def run_train(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every student in `students:`; returns {name: manifest}.
+
+    Raises:
+        MissingInput: no filtered set yet (exit 2).
+        TrainDataError: the data or settings cannot train a student (exit 2).
+    """
+    workdir = Workdir(config.workdir)
+    filtered = read_manifest(workdir, "filtered")
+    if not filtered:
+        raise MissingInput(f"no filtered set in {workdir.uri_of('filtered')}: run `distill-ray filter` first")
+    examples = load_examples(config, workdir)
+    if not examples["train"]:
+        raise TrainDataError(f"train: the filtered set in {workdir.uri_of('filtered')} keeps no training rows "
+                             f"({filtered['counts'].get('dropped_by_reason')}); loosen `filters:` or fix the teacher")
+    load_preset(config.train.deepspeed)  # an unknown preset fails here, before any model is loaded
+    manifests, rows = {}, []
+    for student in config.students:
+        manifest = _train_one(config, student, workdir, examples, filtered["fingerprint"], echo)
+        manifests[student.name] = manifest
+        rows.append(manifest["result"])
+    workdir.write_json({"students": rows}, "students", "comparison.json")
+    echo(comparison_table(rows, config.task.metric))
+    return manifests
+
+
+def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examples: dict[str, list[dict[str, Any]]],
+               filtered_fingerprint: str, echo: Callable[[str], None]) -> dict[str, Any]:
+    step = f"students/{student.name}"
+    record = StepRecord(step, {"filtered": filtered_fingerprint},
+                        {"student": student.model_dump(mode="json"), "train": config.train.model_dump(mode="json"),
+                         "task": config.task.model_dump(mode="json")})
+    if manifest := up_to_date(workdir, record):
+        echo(f"train[{student.name}]: up to date ({workdir.uri_of(step, 'best')}); nothing to do")
+        return manifest
+    t0 = time.perf_counter()
+    try:
+        init = prepare_student(student, workdir, echo)
+    except ModelNotFoundError as exc:
+        raise TrainDataError(f"students.{student.name}.base_model: {exc}") from None
+    tokenizer = _tokenizer(init["uri"])
+    data = _tokenized(config, student, tokenizer, examples)
+    cfg = _loop_config(config, student, workdir, init["uri"], data)
+    echo(f"train[{student.name}]: {len(data['train'])} training rows ({data['truncated']} cut to max_seq_len "
+         f"{config.train.max_seq_len}), {cfg['total_steps']} steps on {config.train.num_workers} workers, "
+         f"ZeRO-{cfg['zero_stage']}, holdout {len(data['holdout'])} rows ({len(data['eval_prompts'])} generated per eval)")
+    result = _fit(config, student, workdir, cfg, data["train"])
+    history = [r for r in _read_metrics(workdir, step)]
+    best = max(history, key=lambda r: ((r["metric"] if r["metric"] is not None else 0.0), -(r["holdout_loss"] or 0)))
+    summary = {"student": student.name, "parameters": init["parameters"], "layers": init["layers"],
+               "best_step": best["step"], "holdout_loss": best["holdout_loss"], "metric": best["metric"],
+               "tokens_per_s": history[-1]["tokens_per_s"], "steps": history[-1]["step"],
+               "stopped_early": bool(result.get("stopped_early")), "checkpoint": workdir.uri_of(step, "best")}
+    record.counts = {"train_rows": len(data["train"]), "truncated": data["truncated"],
+                     "holdout_rows": len(data["holdout"]), "steps": history[-1]["step"]}
+    record.timings = {"total": time.perf_counter() - t0}
+    record.extra = {"result": summary}
+    return write_manifest(workdir, record)
+
+
+def _tokenizer(uri: str):
+    from transformers import AutoTokenizer
+
+    from distill_ray.models import load_causal_lm
+
+    if uri.startswith("s3://"):
+        return load_causal_lm(uri)[1]
+    tokenizer = AutoTokenizer.from_pretrained(uri, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tokenized(config: PipelineConfig, student: Student, tokenizer, examples) -> dict[str, Any]:
+    from distill_ray.train.data import prompt_ids
+
+    limit = config.train.max_seq_len
+    prompts = {split: [prompt_ids(tokenizer, e["messages"]) for e in rows] for split, rows in examples.items()}
+    shortest = min(len(p) for p in prompts["train"])
+    if limit <= shortest:
+        raise TrainDataError(f"train.max_seq_len: {limit} tokens leave no room for an answer: the shortest prompt "
+                             f"of student '{student.name}' is {shortest} tokens; raise it above "
+                             f"{max(len(p) for p in prompts['train'])} (the longest) to train on every answer")
+    train = [tokenize(tokenizer, e, limit) for e in examples["train"]]
+    holdout = [tokenize(tokenizer, e, limit) for e in examples["holdout"][:HOLDOUT_LOSS_ROWS]]
+    sample = examples["holdout"][: config.train.eval_sample_size]
+    eval_prompts = [{"prompt_ids": p, "target": e["reference"] if e["reference"] else e["completion"]}
+                    for e, p in zip(sample, prompts["holdout"], strict=False)]
+    return {"train": [{"input_ids": t["input_ids"], "labels": t["labels"]} for t in train],
+            "truncated": sum(t["truncated"] for t in train), "holdout": holdout, "eval_prompts": eval_prompts}
+
+
+def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, init_uri: str,
+                 data: dict[str, Any]) -> dict[str, Any]:
+    t = config.train
+    world = t.num_workers
+    micro = max(1, t.batch_size // world)
+    per_epoch = (len(data["train"]) // world) // micro
+    if per_epoch == 0:
+        raise TrainDataError(f"train.batch_size: {len(data['train'])} training rows are fewer than one global batch "
+                             f"({micro} per worker x {world} workers)")
+    total = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
+    ds = deepspeed_config(t, micro_batch=micro, world_size=world, total_steps=total)
+    return {
+        "name": student.name, "seed": t.seed, "use_gpu": t.use_gpu, "init_uri": init_uri, "workdir": workdir.uri,
+        "out_parts": ["students", student.name], "deepspeed": ds, "zero_stage": ds["zero_optimization"]["stage"],
+        "micro_batch": micro, "total_steps": total, "eval_every_steps": min(t.eval_every_steps, total),
+        "early_stopping_patience": t.early_stopping_patience, "holdout_tokens": data["holdout"],
+        "eval_prompts": data["eval_prompts"], "metric": {"name": config.task.metric, "pattern": config.task.metric_pattern},
+        "metric_name": config.task.metric, "max_new_tokens": max(t_.max_tokens for t_ in config.teachers),
+    }
+
+
+def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[str, Any],
+         train_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distill_ray.ray_env import init_ray
+    from distill_ray.train.loop import train_loop
+
+    init_ray()
+    t = config.train
+    fs, path = filesystem_for(workdir.uri_of("students", student.name, "ray"))
+    if not workdir.uri.startswith("s3://"):
+        os.makedirs(path, exist_ok=True)
+    dataset = ray.data.from_items(bucketed(train_rows, cfg["micro_batch"], t.seed))
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        datasets={"train": dataset},
+        run_config=RunConfig(name="run", storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
+
+
+def _read_metrics(workdir: Workdir, step: str) -> list[dict[str, Any]]:
+    import json
+
+    data = workdir.read_bytes(step, "metrics.jsonl").decode()
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def comparison_table(rows: list[dict[str, Any]], metric: str) -> str:
+    head = f"{'student':<12} {'params':>8} {'layers':>9} {'holdout loss':>12} {metric:>17} {'tokens/s':>9}  checkpoint"
+    lines = ["students compared (best checkpoint of each, by holdout metric):", head]
+    for r in rows:
+        m = "-" if r["metric"] is None else f"{r['metric']:.3f}"
+        loss = "-" if r["holdout_loss"] is None else f"{r['holdout_loss']:.4f}"
+        lines.append(f"{r['student']:<12} {r['parameters'] / 1e6:>7.1f}M {r['layers']:>9} {loss:>12} {m:>17} "
+                     f"{r['tokens_per_s']:>9.1f}  {r['checkpoint']}")
+    return "\n".join(lines)

@@ -62,11 +62,9 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
 
 
 def _steps() -> dict[str, Callable[[PipelineConfig], object]]:
-    from distill_ray.filters.step import run_filter
-    from distill_ray.prompts.step import run_prompts
-    from distill_ray.teacher.generate import run_generate
+    from distill_ray.steps import STEPS  # the one list of steps, shared with `submit` and jobs/
 
-    return {"prompts": run_prompts, "generate": run_generate, "filter": run_filter}
+    return {name: step.load() for name, step in STEPS.items()}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -125,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")
+
+    from distill_ray.jobs.cli import add_cluster_verbs
+
+    add_cluster_verbs(sub, verb)  # submit, jobs list|status|logs|stop
 
     teacher = sub.add_parser("teacher", help="the offline teacher (an OpenAI-compatible server on this machine)")
     teacher_sub = teacher.add_subparsers(dest="teacher_verb", required=True, metavar="ACTION")

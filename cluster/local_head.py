@@ -198,7 +198,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def _stop_state(state_dir: Path, state: dict, grace_s: float = 10) -> int:
+def _stop_state(state_dir: Path, state: dict, grace_s: float = 5) -> int:
     sid, temp_dir = state["pid"], state["temp_dir"]
     pids = _session_processes(sid, temp_dir)
     _signal_all(pids, signal.SIGTERM)

@@ -18,6 +18,7 @@ What is sent (`plan` builds it; nothing is sent before every check passed):
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shlex
@@ -212,8 +213,6 @@ def stage(options: SubmitOptions, into: Path) -> Path:
 
 
 def _secret_values(job: JobPlan, address: str) -> list[tuple[str, str]]:
-    import os
-
     values = [(name, os.environ[name]) for name in job.secret_env_names if len(os.environ.get(name, "")) >= 6]
     if token := auth_token(address):
         values.append(("the Ray auth token", token))

@@ -33,9 +33,12 @@ def head(tmp_path_factory):
     """A local head (token auth) from cluster/local_head.py; yields the client's environment."""
     state_dir = tmp_path_factory.mktemp("head")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    env.update(RAY_USAGE_STATS_ENABLED="0")
     assert env[KEY_ENV]  # the head, hence the job, inherits the key (tests/integration/conftest.py sets it)
-    started = _run(["cluster/local_head.py", "start", "--state-dir", str(state_dir), "--num-cpus", "2"], env, 180)
+    # The head gets no PYTHONPATH: its jobs import distill_ray from the working_dir `submit` uploads.
+    head_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    started = _run(["cluster/local_head.py", "start", "--state-dir", str(state_dir), "--num-cpus", "2"], head_env, 180)
+    env["PYTHONPATH"] = str(ROOT)  # the client runs this checkout's distill-ray (as `pip install -e .` would)
     exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
                    if line.startswith("export "))
     try:

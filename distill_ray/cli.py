@@ -23,7 +23,6 @@ from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejec
 from distill_ray.train.data import TrainDataError
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
-TEACHER_STEPS = {"generate"}  # the steps that call a teacher: its `launch` server runs while they do
 
 
 def check_inputs(config: PipelineConfig) -> list[Problem]:
@@ -61,18 +60,19 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 def _run_steps(config: PipelineConfig, names: list[str], announce: bool = False) -> None:
     """Run steps in order; the config's `launch` teachers serve while steps that call a teacher run."""
+    from distill_ray.steps import STEPS
     from distill_ray.teacher.launch import launched_teachers
 
-    steps = _steps()
-    teachers = launched_teachers(config) if TEACHER_STEPS.intersection(names) else contextlib.nullcontext()
+    calling = {name for name in names if STEPS[name].calls_teacher}
+    teachers = launched_teachers(config) if calling else contextlib.nullcontext()
     with teachers as launched:
         for name in names:
             t = time.perf_counter()
             if announce:
                 print(f"== {name}")
-            if launched is not None and name in TEACHER_STEPS:
+            if launched is not None and name in calling:
                 launched.wait()
-            steps[name](config)
+            STEPS[name].load()(config)  # imported only when it runs
             if announce:
                 print(f"== {name} done in {time.perf_counter() - t:.1f}s")
 
@@ -85,22 +85,14 @@ def cmd_teacher_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steps() -> dict[str, Callable[[PipelineConfig], object]]:
-    from distill_ray.filters.step import run_filter
-    from distill_ray.prompts.step import run_prompts
-    from distill_ray.teacher.generate import run_generate
-    from distill_ray.train.step import run_train
-
-    return {"prompts": run_prompts, "generate": run_generate, "filter": run_filter, "train": run_train}
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    from distill_ray.steps import parse_steps
+
     config = _load(args)
-    steps = _steps()
-    wanted = [s.strip() for s in args.steps.split(",")] if args.steps else list(steps)
-    unknown = [s for s in wanted if s not in steps]
-    if unknown:
-        raise ConfigError([Problem(key="--steps", message=f"unknown step(s) {', '.join(unknown)}; available: {', '.join(steps)}")])
+    try:
+        wanted = parse_steps(args.steps)
+    except ValueError as exc:
+        raise ConfigError([Problem(key="--steps", message=str(exc))]) from None
     problems = check_inputs(config)
     if problems:
         raise ConfigError(problems)
@@ -148,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")
+
+    from distill_ray.jobs.cli import add_cluster_verbs
+
+    add_cluster_verbs(sub, verb)  # submit, jobs list|status|logs|stop
 
     teacher = sub.add_parser("teacher", help="the offline teacher (an OpenAI-compatible server on this machine)")
     teacher_sub = teacher.add_subparsers(dest="teacher_verb", required=True, metavar="ACTION")

@@ -1,0 +1,71 @@
+"""The pipeline's steps, in order: the one list that `run`, `submit` and the job entry points share.
+
+Each step names the library function that runs it (imported only when the step runs, so that
+`validate` and `submit` stay light), its Ray job entry point (`jobs/<name>.py`) and the GPUs its
+driver asks for when it runs as a Ray job. A new step is one line here plus its `jobs/<name>.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distill_ray.config import PipelineConfig
+
+
+def no_gpu(config: PipelineConfig) -> float:
+    """The driver of most steps only schedules Ray tasks: it needs no GPU."""
+    return 0
+
+
+def one_gpu_if_use_gpu(config: PipelineConfig) -> float:
+    """For train and eval: the driver lands on a GPU node (CUDA image, student on the device) when
+    `train.use_gpu` is on. `distill-ray submit --entrypoint-gpus 0` frees it where the driver only
+    coordinates Ray Train workers."""
+    return 1 if config.train.use_gpu else 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step."""
+
+    name: str
+    runner: str  # "module:function" taking the PipelineConfig
+    entrypoint_gpus: Callable[[PipelineConfig], float] = no_gpu
+    calls_teacher: bool = False  # the config's `launch` teachers serve while it runs
+
+    @property
+    def script(self) -> str:
+        """The Ray job entry point, relative to the repository root."""
+        return f"jobs/{self.name}.py"
+
+    def load(self) -> Callable[[PipelineConfig], object]:
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+STEPS: dict[str, Step] = {step.name: step for step in (
+    Step("prompts", "distill_ray.prompts.step:run_prompts"),
+    Step("generate", "distill_ray.teacher.generate:run_generate", calls_teacher=True),
+    Step("filter", "distill_ray.filters.step:run_filter"),
+    # The driver of train only coordinates Ray Train's workers (they hold the GPUs).
+    Step("train", "distill_ray.train.step:run_train"),
+    # Later steps join the same way, e.g.
+    # Step("eval", "distill_ray.eval.step:run_eval", entrypoint_gpus=one_gpu_if_use_gpu),
+)}
+
+
+def parse_steps(text: str | None) -> list[str]:
+    """`a,b` → the step names, in the order given; None → every step.
+
+    Raises:
+        ValueError: naming the unknown steps and the available ones.
+    """
+    if not text:
+        return list(STEPS)
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STEPS]
+    if unknown or not wanted:
+        raise ValueError(f"unknown step(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(STEPS)}")
+    return wanted

@@ -37,6 +37,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     from distill_ray.models import load_causal_lm
     from distill_ray.storage import Workdir
 
+    _quiet()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg["seed"])
@@ -101,6 +102,20 @@ def train_loop(cfg: dict[str, Any]) -> None:
               + (" (early stop)" if state["stopped_early"] else ""), flush=True)
 
 
+def _quiet() -> None:
+    """Our progress lines only: Ray Train's per-report INFO lines and DeepSpeed's chatter off."""
+    import logging
+
+    for name in ("ray.train", "ray.data", "DeepSpeed", "deepspeed", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        pass
+
+
 def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out, state, losses, step_tokens,
                              rank, Checkpoint) -> None:
     tokens = step_tokens.clone()
@@ -116,7 +131,7 @@ def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out,
         record = {"step": state["step"], "epoch": state["epoch"], "train_loss": _round(train_loss),
                   "holdout_loss": _round(holdout_loss), "metric": _round(metric),
                   "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": round(time.time(), 3)}
         score = (metric if metric is not None else 0.0, -holdout_loss)
         improved = state["best"] is None or score > tuple(state["best"])
         verdict = [{"record": record, "improved": improved, "score": list(score)}]
@@ -149,7 +164,7 @@ def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out,
                 json.dump(state, f)
         import ray.train
 
-        metrics = {**{k: v for k, v in record.items() if v is not None and k != "time"},
+        metrics = {**{k: v for k, v in record.items() if v is not None and k not in ("time", "unix_time")},
                    "best_step": state["best_step"], "stopped_early": state["stopped_early"]}
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 

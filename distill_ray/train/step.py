@@ -155,6 +155,8 @@ def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[s
     fs, path = filesystem_for(workdir.uri_of("students", student.name, "ray"))
     if not workdir.uri.startswith("s3://"):
         os.makedirs(path, exist_ok=True)
+    # The split coordinator runs in its own actor; its progress bars would flood the driver's log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = ray.data.from_items(bucketed(train_rows, cfg["micro_batch"], t.seed))
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg,

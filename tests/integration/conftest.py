@@ -17,6 +17,8 @@ import ray
 # The fake teacher's API key, in the environment before Ray starts so that its workers inherit it
 # (as pods get theirs from a Kubernetes secret). Random per session: tests grep for it in outputs.
 os.environ.setdefault("DISTILL_TEST_TEACHER_KEY", "sk-test-" + secrets.token_hex(12))
+# Ray Train's controller polls its workers this often; the 2 s default makes every report slow.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def _free_port() -> int:

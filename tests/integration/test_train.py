@@ -1,0 +1,169 @@
+"""`distill-ray train` on a real local Ray: 2 CPU workers, DeepSpeed ZeRO, a tiny Llama student.
+
+The filtered set comes from the real steps (prompt set, a scripted teacher on 127.0.0.1, filter).
+The student is a 4-layer Llama built here (seconds to train); layer dropping keeps 2 of its layers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ray.util.state import list_actors
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from distill_ray.cli import main
+from distill_ray.config import load_config
+from distill_ray.filters.step import run_filter
+from distill_ray.storage import Workdir
+from distill_ray.teacher.generate import run_generate
+from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+from tests.integration.test_generate import prompt_set  # noqa: F401 - fixture
+from tests.integration.test_offline_teacher import tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def student_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-student")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def filtered(prompt_set, tmp_path_factory) -> Path:  # noqa: F811
+    """prompts -> generate (scripted teacher: the right order number) -> filter, once per module."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("filtered") / "run"
+    shutil.copytree(prompt_set / "prompts", root / "prompts")
+    with FakeTeacher(FakeTeacherConfig()) as teacher:
+        config = load_config(None, [f"workdir={root}", f"teachers.0.base_url={teacher.base_url}",
+                                    "teachers.0.launch=null", "teachers.0.max_tokens=16"])
+        run_generate(config, echo=lambda _: None)
+    run_filter(config, echo=lambda _: None)
+    return root
+
+
+def _config(tmp_path: Path, filtered: Path, student: Path, **train) -> Path:
+    import shutil
+
+    workdir = tmp_path / "run"
+    for step in ("prompts", "teacher", "filtered"):
+        shutil.copytree(filtered / step, workdir / step)
+    settings = {"num_workers": 2, "deepspeed": {"zero_stage": 2}, "epochs": 8, "batch_size": 8,
+                "learning_rate": 3e-3, "max_seq_len": 128, "eval_every_steps": 4, "eval_sample_size": 4,
+                "early_stopping_patience": 0, **train}
+    config = {"name": "train-test", "workdir": str(workdir),
+              "task": {"instructions": "Reply with the order number or NONE.", "metric": "normalized_match"},
+              "teachers": [{"name": "smollm2", "base_url": "http://127.0.0.1:9/v1", "model": "fake",
+                            "max_tokens": 8}],
+              "students": [{"name": "mini", "base_model": str(student), "layer_drop": {"keep_every": 2}}],
+              "train": settings}
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "students" / "mini" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_zero2_layer_dropped_student(filtered, student_folder, tmp_path, capsys):
+    path = _config(tmp_path, filtered, student_folder)
+    assert main(["train", str(path)]) == 0
+    workdir = tmp_path / "run"
+    history = _metrics(workdir)
+    assert len(history) >= 3 and [r["step"] for r in history][:3] == [4, 8, 12]  # an eval every 4 steps
+    assert history[-1]["holdout_loss"] < history[0]["holdout_loss"] * 0.8  # it learns the teacher's answers
+    assert all(r["tokens_per_s"] > 0 for r in history)
+
+    init = json.loads((workdir / "students" / "mini" / "init" / "distill_ray_init.json").read_text())
+    assert init["kept_layers"] == [0, 2, 3] and init["layers"] == "3 of 4"
+    best = workdir / "students" / "mini" / "best"
+    model = AutoModelForCausalLM.from_pretrained(best)
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    assert model.config.num_hidden_layers == 3
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "where is ORD-100001?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert (workdir / "students" / "mini" / "last" / "model.safetensors").exists()
+
+    out_text = capsys.readouterr().out
+    assert "students compared" in out_text and "mini" in out_text
+    manifest = json.loads((workdir / "students" / "mini" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["result"]["best_step"] in [r["step"] for r in history]
+
+    # A rerun after success does nothing.
+    assert main(["train", str(path)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert len(_metrics(workdir)) == len(history)
+
+
+def _train_workers() -> set[str]:
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
+
+
+def test_a_worker_killed_after_the_first_checkpoint_restarts_from_it(filtered, student_folder, tmp_path):
+    import os
+    import signal
+
+    path = _config(tmp_path, filtered, student_folder, epochs=30, max_steps=40, max_failures=2)
+    workdir = tmp_path / "run"
+    before = _train_workers()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(["train", str(path)])))
+    thread.start()
+    deadline = time.monotonic() + 240
+    checkpoints = workdir / "students" / "mini" / "ray" / "run"
+    while not list(checkpoints.glob("checkpoint_*/distill_ray_state.json")):
+        assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.1)
+    time.sleep(1.0)  # every rank's part uploaded and the checkpoint registered
+    alive = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+             if a.actor_id not in before]
+    assert alive, "no training worker to kill"
+    os.kill(alive[0].pid, signal.SIGKILL)
+    killed_time = time.time()
+    killed_at = _metrics(workdir)[-1]["step"]
+    thread.join(timeout=300)
+    assert result.get("rc") == 0
+    history = _metrics(workdir)
+    assert history[-1]["step"] == 40 and killed_at < 40
+    assert len(_train_workers() - before) >= 4  # the group was started again after the kill
+    steps = [r["step"] for r in history]
+    assert steps == sorted(set(steps)) and steps[0] == 4
+    # Resumed, not restarted: the evals from before the kill were carried over from the checkpoint.
+    assert history[0]["unix_time"] < killed_time < history[-1]["unix_time"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["filters=[{kind: regex, pattern: '^NEVER$'}]"], "keeps no training rows"),
+    (["train.deepspeed.zero_stage=5"], "train.deepspeed.zero_stage"),
+    (["students.0.base_model=/no/such/model"], "students.mini.base_model"),
+    (["train.max_seq_len=16"], "train.max_seq_len"),
+    (["train.deepspeed.preset=zero9"], "train.deepspeed.preset"),
+])
+def test_bad_inputs_stop_before_any_worker_starts(filtered, student_folder, tmp_path, capsys, override, message):
+    path = _config(tmp_path, filtered, student_folder)
+    if override[0].startswith("filters="):
+        assert main(["filter", str(path), "-o", override[0]]) == 0
+        override = []
+    before = _train_workers()
+    assert main(["train", str(path), *[a for o in override for a in ("-o", o)]]) == 2
+    assert message in capsys.readouterr().err
+    assert _train_workers() == before
+    assert not (tmp_path / "run" / "students" / "mini" / "ray").exists()

@@ -297,7 +297,10 @@ class Train(Strict):
     early_stopping_patience: int = Field(2, ge=0, description="Evals without improvement before stopping; 0 = off.")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the last checkpoint this many times.")
     max_steps: int | None = Field(None, ge=1, description="Smoke knob: stop after this many steps.")
-    logit_distillation: bool = Field(False, description="Add a KL term on the teacher's top logprobs.")
+    logit_distillation: bool = Field(
+        False, description="Add a KD term on the teacher's top logprobs where teacher and student tokens align "
+        "(same tokenizer); plain SFT for rows that do not.")
+    kd_weight: float = Field(0.5, ge=0, le=1, description="Share of the KD term in the loss (logit_distillation).")
     seed: int = 0
 
 

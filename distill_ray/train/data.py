@@ -7,6 +7,7 @@ completion tokens only (prompt tokens get the label -100).
 
 from __future__ import annotations
 
+import json
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ def load_examples(config: PipelineConfig, workdir: Workdir) -> dict[str, list[di
         out[row["split"]].append({
             "id": row["id"], "category": row["category"], "reference": row["reference"],
             "teacher": row["teacher"], "messages": student_messages(config.task, row["messages"]),
-            "completion": row["completion"],
+            "completion": row["completion"], "tokens": row.get("tokens"), "top_logprobs": row.get("top_logprobs"),
         })
     return out
 
@@ -70,18 +71,34 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
     return list(ids)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any], max_seq_len: int,
+             kd_cache: dict[str, int | None] | None = None) -> dict[str, Any]:
     """input_ids and labels (prompt masked) of one example, cut to max_seq_len (`truncated` says so).
 
-    The completion ends with the tokenizer's end-of-turn token so the student learns to stop.
+    The completion ends with the tokenizer's end-of-turn token so the student learns to stop. With
+    `kd_cache` (logit distillation), `kd_pos`/`kd_ids`/`kd_logprobs` hold the teacher's top-k for the
+    answer tokens the teacher's tokens align with (empty when they do not).
     """
     prompt = prompt_ids(tokenizer, example["messages"])
-    answer = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    aligned = None
+    if kd_cache is not None:
+        from distill_ray.train.kd import align_top_logprobs
+
+        aligned = align_top_logprobs(tokenizer, example.get("tokens"), example.get("top_logprobs"), kd_cache)
+    body = aligned[0] if aligned else tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+    answer = body + [tokenizer.eos_token_id]
     ids = prompt + answer
     labels = [IGNORE] * len(prompt) + answer
     truncated = len(ids) > max_seq_len
-    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len], "truncated": truncated,
-            "prompt_len": len(prompt)}
+    out = {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len], "truncated": truncated,
+           "prompt_len": len(prompt)}
+    if kd_cache is not None:
+        tops = aligned[1] if aligned else []
+        # The logits at position p - 1 predict the token at p.
+        keep = [(len(prompt) + j - 1, pairs) for j, pairs in enumerate(tops) if pairs and len(prompt) + j < max_seq_len]
+        # One JSON string column: Arrow blocks of rows with and without targets share one type.
+        out["kd"] = json.dumps([[p, [i for i, _ in pairs], [lp for _, lp in pairs]] for p, pairs in keep]) if keep else ""
+    return out
 
 
 def bucketed(rows: list[dict[str, Any]], batch_size: int, seed: int) -> list[dict[str, Any]]:
@@ -111,4 +128,15 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    targets = [json.loads(r["kd"]) if r.get("kd") else [] for r in rows]
+    k = max((len(ids) for t in targets for _, ids, _ in t), default=0)
+    if k:
+        kd_ids = torch.full((len(rows), width, k), -1, dtype=torch.long)
+        kd_lp = torch.zeros((len(rows), width, k), dtype=torch.float32)
+        for i, t in enumerate(targets):
+            for pos, ids, lps in t:
+                kd_ids[i, pos, : len(ids)] = torch.tensor(ids)
+                kd_lp[i, pos, : len(lps)] = torch.tensor(lps)
+        batch.update({"kd_ids": kd_ids, "kd_logprobs": kd_lp})
+    return batch

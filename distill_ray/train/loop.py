@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from distill_ray.train.data import IGNORE, collate
+from distill_ray.train.kd import distill_loss
 
 STATE_FILE = "distill_ray_state.json"
 
@@ -50,7 +51,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad], config=cfg["deepspeed"])
     # The copy rank 0 evaluates and exports (plain fp32 Hugging Face model, no DeepSpeed hooks).
-    export_model = load_causal_lm(cfg["init_uri"])[0] if rank == 0 else None
+    export_model = load_causal_lm(cfg["init_uri"])[0].to(device) if rank == 0 else None
 
     workdir = Workdir(cfg["workdir"])
     out = tuple(cfg["out_parts"])
@@ -78,7 +79,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
             if i < skip:
                 continue
             tensors = {k: v.to(device) for k, v in collate(batch.to_pylist(), pad_id).items()}
-            loss = engine(**tensors).loss
+            if "kd_ids" in tensors:  # logit distillation: the teacher's top-k next to the answer
+                logits = engine(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+                loss = distill_loss(logits, tensors["labels"], tensors["kd_ids"], tensors["kd_logprobs"],
+                                    cfg["kd_weight"])
+            else:
+                loss = engine(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                              labels=tensors["labels"]).loss
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
@@ -132,6 +139,8 @@ def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out,
                   "holdout_loss": _round(holdout_loss), "metric": _round(metric),
                   "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": round(time.time(), 3)}
+        if torch.cuda.is_available() and cfg["use_gpu"]:
+            record["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         score = (metric if metric is not None else 0.0, -holdout_loss)
         improved = state["best"] is None or score > tuple(state["best"])
         verdict = [{"record": record, "improved": improved, "score": list(score)}]
@@ -189,7 +198,7 @@ def _holdout_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int)
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in collate(rows[start:start + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),

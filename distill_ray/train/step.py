@@ -73,6 +73,9 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
     echo(f"train[{student.name}]: {len(data['train'])} training rows ({data['truncated']} cut to max_seq_len "
          f"{config.train.max_seq_len}), {cfg['total_steps']} steps on {config.train.num_workers} workers, "
          f"ZeRO-{cfg['zero_stage']}, holdout {len(data['holdout'])} rows ({len(data['eval_prompts'])} generated per eval)")
+    if data["kd_rows"] is not None:
+        echo(f"train[{student.name}]: logit distillation on {data['kd_rows']} of {len(data['train'])} rows (teacher "
+             "tokens align with the student's); plain SFT on the rest")
     result = _fit(config, student, workdir, cfg, data["train"])
     history = [r for r in _read_metrics(workdir, step)]
     best = max(history, key=lambda r: ((r["metric"] if r["metric"] is not None else 0.0), -(r["holdout_loss"] or 0)))
@@ -80,7 +83,7 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
                "best_step": best["step"], "holdout_loss": best["holdout_loss"], "metric": best["metric"],
                "tokens_per_s": history[-1]["tokens_per_s"], "steps": history[-1]["step"],
                "stopped_early": bool(result.get("stopped_early")), "checkpoint": workdir.uri_of(step, "best")}
-    record.counts = {"train_rows": len(data["train"]), "truncated": data["truncated"],
+    record.counts = {"train_rows": len(data["train"]), "truncated": data["truncated"], "kd_rows": data["kd_rows"],
                      "holdout_rows": len(data["holdout"]), "steps": history[-1]["step"]}
     record.timings = {"total": time.perf_counter() - t0}
     record.extra = {"result": summary}
@@ -110,13 +113,16 @@ def _tokenized(config: PipelineConfig, student: Student, tokenizer, examples) ->
         raise TrainDataError(f"train.max_seq_len: {limit} tokens leave no room for an answer: the shortest prompt "
                              f"of student '{student.name}' is {shortest} tokens; raise it above "
                              f"{max(len(p) for p in prompts['train'])} (the longest) to train on every answer")
-    train = [tokenize(tokenizer, e, limit) for e in examples["train"]]
+    kd_cache: dict[str, int | None] | None = {} if config.train.logit_distillation else None
+    train = [tokenize(tokenizer, e, limit, kd_cache) for e in examples["train"]]
     holdout = [tokenize(tokenizer, e, limit) for e in examples["holdout"][:HOLDOUT_LOSS_ROWS]]
     sample = examples["holdout"][: config.train.eval_sample_size]
     eval_prompts = [{"prompt_ids": p, "target": e["reference"] if e["reference"] else e["completion"]}
                     for e, p in zip(sample, prompts["holdout"], strict=False)]
-    return {"train": [{"input_ids": t["input_ids"], "labels": t["labels"]} for t in train],
-            "truncated": sum(t["truncated"] for t in train), "holdout": holdout, "eval_prompts": eval_prompts}
+    keys = ("input_ids", "labels", "kd") if kd_cache is not None else ("input_ids", "labels")
+    return {"train": [{k: t[k] for k in keys} for t in train], "truncated": sum(t["truncated"] for t in train),
+            "holdout": holdout, "eval_prompts": eval_prompts,
+            "kd_rows": sum(1 for t in train if t.get("kd")) if kd_cache is not None else None}
 
 
 def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, init_uri: str,
@@ -134,7 +140,7 @@ def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, ini
         "name": student.name, "seed": t.seed, "use_gpu": t.use_gpu, "init_uri": init_uri, "workdir": workdir.uri,
         "out_parts": ["students", student.name], "deepspeed": ds, "zero_stage": ds["zero_optimization"]["stage"],
         "micro_batch": micro, "total_steps": total, "eval_every_steps": min(t.eval_every_steps, total),
-        "early_stopping_patience": t.early_stopping_patience, "holdout_tokens": data["holdout"],
+        "early_stopping_patience": t.early_stopping_patience, "kd_weight": t.kd_weight, "holdout_tokens": data["holdout"],
         "eval_prompts": data["eval_prompts"], "metric": {"name": config.task.metric, "pattern": config.task.metric_pattern},
         "metric_name": config.task.metric, "max_new_tokens": max(t_.max_tokens for t_ in config.teachers),
     }

@@ -62,7 +62,8 @@ def _config(tmp_path: Path, filtered: Path, student: Path, **train) -> Path:
 
     workdir = tmp_path / "run"
     for step in ("prompts", "teacher", "filtered"):
-        shutil.copytree(filtered / step, workdir / step)
+        if (filtered / step).exists():
+            shutil.copytree(filtered / step, workdir / step)
     settings = {"num_workers": 2, "deepspeed": {"zero_stage": 2}, "epochs": 8, "batch_size": 8,
                 "learning_rate": 3e-3, "max_seq_len": 128, "eval_every_steps": 4, "eval_sample_size": 4,
                 "early_stopping_patience": 0, **train}
@@ -167,3 +168,39 @@ def test_bad_inputs_stop_before_any_worker_starts(filtered, student_folder, tmp_
     assert message in capsys.readouterr().err
     assert _train_workers() == before
     assert not (tmp_path / "run" / "students" / "mini" / "ray").exists()
+
+
+def test_logit_distillation_from_a_teacher_with_the_students_tokenizer(prompt_set, student_folder, tmp_path,  # noqa: F811
+                                                                      capsys):
+    """The teacher is the offline server running a model with the student's tokenizer, so every
+    answer token has the teacher's top-k as targets."""
+    import shutil
+    import socket
+
+    from tests.integration.test_offline_teacher import tiny_model
+
+    teacher_dir = tmp_path / "teacher-model"
+    tokenizer = AutoTokenizer.from_pretrained(student_folder)
+    tiny_model(len(tokenizer), tokenizer.eos_token_id).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    source = tmp_path / "source"
+    shutil.copytree(prompt_set / "prompts", source / "prompts")
+    path = _config(tmp_path, source, student_folder, logit_distillation=True, kd_weight=0.5, max_steps=8)
+    config = json.loads(path.read_text())
+    config["teachers"] = [{"name": "smollm2", "base_url": f"http://127.0.0.1:{port}/v1", "model": "tiny",
+                           "launch": str(teacher_dir), "max_tokens": 6, "top_logprobs": 3, "max_concurrency": 8}]
+    config["filters"] = []
+    path.write_text(json.dumps(config))
+    assert main(["run", str(path), "--steps", "generate,filter,train"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "logit distillation on" in x)
+    with_targets, total = (int(w) for w in line.split("logit distillation on ")[1].split(" rows")[0].split(" of "))
+    # A random tiny teacher also emits partial UTF-8 bytes, whose text ("\ufffd") is no student token:
+    # those rows train with plain SFT; every other row gets the teacher's top-k as targets.
+    rows = Workdir(str(tmp_path / "run")).read_table("filtered", "rows").to_pylist()
+    clean = [r for r in rows if r["split"] == "train" and r["kept"] and not any("\ufffd" in t for t in r["tokens"])]
+    assert total > 0 and with_targets == len(clean) > 0
+    assert _metrics(tmp_path / "run")[-1]["step"] == 8

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config, resolved_yaml
+from distill_ray.errors import StepFailed
 from distill_ray.filters.verifiers import FilterError
 from distill_ray.prompts.read import SourceError
 from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, MissingInput, TeacherRejected, FilterError, TrainDataError) as exc:
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
         return 2
-    except BudgetReached as exc:
+    except (BudgetReached, StepFailed) as exc:
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,5 +7,6 @@ scripts/setup.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/distill-ray validate jobs/configs/support_orders.yaml > /dev/null
 echo "config jobs/configs/support_orders.yaml is valid (distill-ray validate prints it resolved)"
-# Steps so far: the prompt set. generate joins once the offline teacher is started here.
-exec .venv/bin/distill-ray run jobs/configs/support_orders.yaml --steps prompts "$@"
+# Steps so far: the prompt set, the teacher's answers (the offline teacher is started for them and
+# stopped after), the filter, the students. eval and serve join as they land.
+exec .venv/bin/distill-ray run jobs/configs/support_orders.yaml --steps prompts,generate,filter "$@"

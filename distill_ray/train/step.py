@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distill_ray.config.schema import PipelineConfig, Student
+from distill_ray.errors import StepFailed
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
 from distill_ray.models import ModelNotFoundError
 from distill_ray.storage import Workdir, filesystem_for
@@ -173,9 +174,16 @@ def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[s
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as exc:  # noqa: BLE001 - Ray Train raises what the workers raised; reported below
+        error = exc
+    if error is not None:
+        raise StepFailed(f"train[{student.name}]: training failed ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no message'}). Its last "
+                         f"checkpoint is kept under {workdir.uri_of('students', student.name, 'ray')}: run "
+                         "`distill-ray train` again to resume from it.") from error
     return dict(result.metrics or {})
 
 

@@ -204,3 +204,54 @@ def test_logit_distillation_from_a_teacher_with_the_students_tokenizer(prompt_se
     clean = [r for r in rows if r["split"] == "train" and r["kept"] and not any("\ufffd" in t for t in r["tokens"])]
     assert total > 0 and with_targets == len(clean) > 0
     assert _metrics(tmp_path / "run")[-1]["step"] == 8
+
+
+def test_a_crashed_train_resumes_when_run_again(filtered, student_folder, tmp_path):
+    """No restarts allowed: a killed worker fails the run (exit 1); `distill-ray train` again resumes
+    from the last checkpoint instead of starting over."""
+    import os
+    import signal
+
+    path = _config(tmp_path, filtered, student_folder, epochs=30, max_steps=24, max_failures=0)
+    workdir = tmp_path / "run"
+    before = _train_workers()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(["train", str(path)])))
+    thread.start()
+    deadline = time.monotonic() + 240
+    checkpoints = workdir / "students" / "mini" / "ray" / "run"
+    while not list(checkpoints.glob("checkpoint_*/distill_ray_state.json")):
+        assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    alive = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+             if a.actor_id not in before]
+    os.kill(alive[0].pid, signal.SIGKILL)
+    killed_time = time.time()
+    thread.join(timeout=300)
+    assert result.get("rc") == 1  # the step failed
+    assert not (workdir / "students" / "mini" / "manifest.json").exists()
+    assert main(["train", str(path)]) == 0
+    history = _metrics(workdir)
+    assert history[-1]["step"] == 24 and history[0]["unix_time"] < killed_time < history[-1]["unix_time"]
+
+
+def test_checkpoints_and_exports_go_to_an_s3_workdir(filtered, student_folder, tmp_path, s3_bucket):
+    from distill_ray.models import load_causal_lm
+    from distill_ray.train.students import upload_folder
+
+    uri = f"s3://{s3_bucket}/runs/x"
+    for step in ("prompts", "teacher", "filtered"):
+        upload_folder(str(filtered / step), Workdir(uri), step)
+    path = _config(tmp_path, filtered, student_folder, max_steps=4, eval_every_steps=2)
+    config = json.loads(path.read_text())
+    config["workdir"] = uri
+    path.write_text(json.dumps(config))
+    assert main(["train", str(path)]) == 0
+    workdir = Workdir(uri)
+    history = [json.loads(x) for x in workdir.read_bytes("students", "mini", "metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in history] == [2, 4]
+    assert workdir.read_json("students", "mini", "manifest.json")["status"] == "complete"
+    assert any(name.startswith("run/checkpoint_") for name in workdir.list_files("students", "mini", "ray"))
+    model, _ = load_causal_lm(workdir.uri_of("students", "mini", "best"))
+    assert model.config.num_hidden_layers == 3

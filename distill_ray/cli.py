@@ -10,8 +10,8 @@ import argparse
 import contextlib
 import signal
 import sys
-import threading
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 

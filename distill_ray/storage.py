@@ -99,9 +99,17 @@ def json_hash(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class Workdir:
-    """The root of one pipeline's artifacts: `<workdir>/<step>/...`."""
+    """The root of one pipeline's artifacts: `<workdir>/<step>/...`.
+
+    A relative local path is made absolute when the Workdir is made, so that it names the same
+    folder in every process it is handed to (Ray workers do not share the driver's current directory).
+    """
 
     uri: str
+
+    def __post_init__(self) -> None:
+        if not is_s3(self.uri):
+            object.__setattr__(self, "uri", os.path.abspath(os.path.expanduser(self.uri)))
 
     @property
     def fs(self) -> pafs.FileSystem:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -64,7 +65,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
                 state = json.load(f)
         if rank == 0:
-            print(f"train[{cfg['name']}]: resumed at step {state['step']} from the last checkpoint", flush=True)
+            _say(f"train[{cfg['name']}]: resumed at step {state['step']} from the last checkpoint")
+            _write_history(workdir, out, state)  # as of that checkpoint (a crash may have cut a later eval)
 
     total = cfg["total_steps"]
     shard = ray.train.get_dataset_shard("train")
@@ -105,8 +107,15 @@ def train_loop(cfg: dict[str, Any]) -> None:
             state["batch_in_epoch"] = 0
         state["train_seconds"] += time.perf_counter() - tick
     if rank == 0:
-        print(f"train[{cfg['name']}]: finished at step {state['step']}"
-              + (" (early stop)" if state["stopped_early"] else ""), flush=True)
+        _say(f"train[{cfg['name']}]: finished at step {state['step']}"
+             + (" (early stop)" if state["stopped_early"] else ""))
+
+
+def _say(line: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver). Not print():
+    Ray Train patches print to also log each line, which shows it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _quiet() -> None:
@@ -160,11 +169,10 @@ def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out,
         _export(export_model, tokenizer, workdir, (*out, "last"), state, record)
         if result["improved"]:
             _export(export_model, tokenizer, workdir, (*out, "best"), state, record)
-        lines = "".join(json.dumps(r) + "\n" for r in state["history"])
-        workdir.write_bytes(lines.encode(), *out, "metrics.jsonl")
-        print(f"train[{cfg['name']}]: step {record['step']}/{cfg['total_steps']} train loss {record['train_loss']} "
-              f"holdout loss {record['holdout_loss']} {cfg['metric_name']} {record['metric']} "
-              f"{record['tokens_per_s']} tokens/s" + (" (best so far)" if result["improved"] else ""), flush=True)
+        _write_history(workdir, out, state)
+        _say(f"train[{cfg['name']}]: step {record['step']}/{cfg['total_steps']} train loss {record['train_loss']} "
+             f"holdout loss {record['holdout_loss']} {cfg['metric_name']} {record['metric']} "
+             f"{record['tokens_per_s']} tokens/s" + (" (best so far)" if result["improved"] else ""))
 
     with tempfile.TemporaryDirectory(prefix="distill-ray-ckpt-") as folder:
         engine.save_checkpoint(folder, tag="ds")
@@ -176,6 +184,11 @@ def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out,
         metrics = {**{k: v for k, v in record.items() if v is not None and k not in ("time", "unix_time")},
                    "best_step": state["best_step"], "stopped_early": state["stopped_early"]}
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _write_history(workdir, out: tuple[str, ...], state: dict[str, Any]) -> None:
+    lines = "".join(json.dumps(r) + "\n" for r in state["history"])
+    workdir.write_bytes(lines.encode(), *out, "metrics.jsonl")
 
 
 def _consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
          f"distill-ray filter {EXAMPLE}")
     verb("train", cmd_step, "steps 4-5: fine-tune each student on the filtered answers (Ray Train + DeepSpeed)",
          f"distill-ray train {EXAMPLE} -o train.max_steps=20")
+    verb("eval", cmd_step, "step 6: each student against the teacher on the holdout, per slice; gate on task.bar",
+         f"distill-ray eval {EXAMPLE}")
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")

@@ -51,8 +51,9 @@ STEPS: dict[str, Step] = {step.name: step for step in (
     Step("filter", "distill_ray.filters.step:run_filter"),
     # The driver of train only coordinates Ray Train's workers (they hold the GPUs).
     Step("train", "distill_ray.train.step:run_train"),
-    # Later steps join the same way, e.g.
-    # Step("eval", "distill_ray.eval.step:run_eval", entrypoint_gpus=one_gpu_if_use_gpu),
+    # eval's driver runs no model itself today (a Ray Data actor and a Ray task do), but on a GPU
+    # cluster its job lands next to the students' GPUs.
+    Step("eval", "distill_ray.eval.step:run_eval", entrypoint_gpus=one_gpu_if_use_gpu),
 )}
 
 

@@ -118,7 +118,7 @@ def _raise_if_failed(results: dict[str, Any]) -> None:
     if any(r["passed"] for r in results.values()):
         return
     why = "; ".join(f"{n}: {', '.join(r['failed'])}" for n, r in results.items())
-    raise GateFailed(f"eval: no student meets the bar ({why})")
+    raise GateFailed(f"no student meets the bar ({why})")
 
 
 def _predict(config: PipelineConfig, uri: str, rows: list[dict[str, Any]]) -> tuple[dict[str, dict], dict[str, Any]]:

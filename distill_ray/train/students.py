@@ -6,7 +6,7 @@ smaller model that still speaks its parent's language, so fine-tuning starts far
 
 from __future__ import annotations
 
-import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -93,13 +93,8 @@ def prepare_student(student: Student, workdir: Workdir, echo=print) -> dict[str,
 def upload_folder(local: str, workdir: Workdir, *parts: str) -> None:
     """Copy a local folder to `<workdir>/<parts>` (local disk or S3)."""
     fs, root = filesystem_for(workdir.uri_of(*parts))
-    fs.create_dir(root, recursive=True)
-    pafs.copy_files(local, root, destination_filesystem=fs) if not isinstance(fs, pafs.LocalFileSystem) else \
-        _copy_local(local, root)
-
-
-def _copy_local(src: str, dst: str) -> None:
-    import shutil
-
-    os.makedirs(dst, exist_ok=True)
-    shutil.copytree(src, dst, dirs_exist_ok=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        shutil.copytree(local, root, dirs_exist_ok=True)
+    else:
+        fs.create_dir(root, recursive=True)
+        pafs.copy_files(local, root, destination_filesystem=fs)

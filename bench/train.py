@@ -63,12 +63,15 @@ def ours(overrides: list[str], steps: int, keep_every: int) -> dict:
     return {"tokens_per_s": history[-1]["tokens_per_s"], "wall_s": wall, "config": config}
 
 
-def bare(config, steps: int) -> dict:
-    """One process, plain PyTorch AdamW, same init weights, same tokenised rows and global batch."""
+def bare(config, steps: int, window: bool = True) -> dict:
+    """One process, plain PyTorch AdamW, same init weights, same tokenised rows and global batch, the
+    same loss (logits on the answer window, as ours; `window=False`: full logits, as a plain
+    `model(**batch, labels=...)` loop computes them)."""
     import torch
 
     from distill_ray.models import load_causal_lm
     from distill_ray.train.data import bucketed, collate, load_examples, tokenize
+    from distill_ray.train.kd import student_loss
 
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = Workdir(config.workdir)
@@ -84,7 +87,7 @@ def bare(config, steps: int) -> dict:
         for start in range(0, len(rows) - batch_size + 1, batch_size):
             batch = collate(rows[start:start + batch_size], tokenizer.pad_token_id)
             tick = time.perf_counter()
-            loss = model(**batch).loss
+            loss = student_loss(model, batch, 0.0, window)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -102,18 +105,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--keep-every", type=int, default=3, help="layer drop of the student (3: the example's tiny)")
     parser.add_argument("--prompts", type=int, default=300)
+    parser.add_argument("--full-logits", action="store_true",
+                        help="also time the bare loop with full logits (what a plain Hugging Face loop computes)")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         overrides = prepare(f"{tmp}/run", args.prompts)
         mine = ours(overrides, args.steps, args.keep_every)
         base = bare(mine["config"], args.steps)
+        full = bare(mine["config"], args.steps, window=False) if args.full_logits else None
     ratio = mine["tokens_per_s"] / base["tokens_per_s"]
     print(f"train throughput, {args.steps} steps of global batch {mine['config'].train.batch_size}, SmolLM2 keep every "
           f"{args.keep_every} layers, {os.cpu_count()} cores")
     print(f"  distill-ray train (Ray Train, 2 workers x 1 CPU, DeepSpeed ZeRO-2): {mine['tokens_per_s']:.1f} tokens/s "
           f"(whole step {mine['wall_s']:.0f}s with model prep, start-up and one eval)")
-    print(f"  bare PyTorch loop (1 process, {os.cpu_count()} threads, AdamW): {base['tokens_per_s']:.1f} tokens/s")
+    print(f"  bare PyTorch loop (1 process, {os.cpu_count()} threads, AdamW, same loss): {base['tokens_per_s']:.1f} tokens/s")
+    if full:
+        print(f"  bare PyTorch loop with full logits (a plain HF-style loop): {full['tokens_per_s']:.1f} tokens/s; "
+              f"ours / it: {mine['tokens_per_s'] / full['tokens_per_s']:.2f}")
     print(f"  ratio ours / bare: {ratio:.2f}")
 
 

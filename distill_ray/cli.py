@@ -64,7 +64,7 @@ def _run_steps(config: PipelineConfig, names: list[str], announce: bool = False)
     from distill_ray.steps import STEPS
     from distill_ray.teacher.launch import launched_teachers
 
-    calling = {name for name in names if STEPS[name].calls_teacher}
+    calling = {name for name in names if STEPS[name].calls_teacher(config)}
     teachers = launched_teachers(config) if calling else contextlib.nullcontext()
     with teachers as launched:
         for name in names:

@@ -26,6 +26,19 @@ def one_gpu_if_use_gpu(config: PipelineConfig) -> float:
     return 1 if config.train.use_gpu else 0
 
 
+def never(config: PipelineConfig) -> bool:
+    return False
+
+
+def always(config: PipelineConfig) -> bool:
+    return True
+
+
+def when_judging(config: PipelineConfig) -> bool:
+    """eval calls a teacher only for the LLM-judge metric."""
+    return config.task.metric == "llm_judge"
+
+
 @dataclass(frozen=True)
 class Step:
     """One pipeline step."""
@@ -33,7 +46,7 @@ class Step:
     name: str
     runner: str  # "module:function" taking the PipelineConfig
     entrypoint_gpus: Callable[[PipelineConfig], float] = no_gpu
-    calls_teacher: bool = False  # the config's `launch` teachers serve while it runs
+    calls_teacher: Callable[[PipelineConfig], bool] = never  # if so, `launch` teachers serve while it runs
 
     @property
     def script(self) -> str:
@@ -47,13 +60,13 @@ class Step:
 
 STEPS: dict[str, Step] = {step.name: step for step in (
     Step("prompts", "distill_ray.prompts.step:run_prompts"),
-    Step("generate", "distill_ray.teacher.generate:run_generate", calls_teacher=True),
+    Step("generate", "distill_ray.teacher.generate:run_generate", calls_teacher=always),
     Step("filter", "distill_ray.filters.step:run_filter"),
     # The driver of train only coordinates Ray Train's workers (they hold the GPUs).
     Step("train", "distill_ray.train.step:run_train"),
     # eval's driver runs no model itself today (a Ray Data actor and a Ray task do), but on a GPU
     # cluster its job lands next to the students' GPUs.
-    Step("eval", "distill_ray.eval.step:run_eval", entrypoint_gpus=one_gpu_if_use_gpu),
+    Step("eval", "distill_ray.eval.step:run_eval", entrypoint_gpus=one_gpu_if_use_gpu, calls_teacher=when_judging),
 )}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 METRICS = ("exact_match", "normalized_match", "json_match", "token_f1", "regex")
@@ -65,8 +65,10 @@ class Task(Strict):
         description="Example turns shown to the teacher only (the student learns the behaviour and "
         "serves without them, which keeps its prompts short).",
     )
-    metric: Literal["exact_match", "normalized_match", "json_match", "token_f1", "regex"] = Field(
-        "exact_match", description="How an answer is scored against another (student vs teacher, or vs reference)."
+    metric: Literal["exact_match", "normalized_match", "json_match", "token_f1", "regex", "llm_judge"] = Field(
+        "exact_match", description="How an answer is scored against another (student vs teacher, or vs reference). "
+        "'llm_judge' (open-ended tasks): eval asks a teacher (eval.judge_teacher) whether the answer is as good as "
+        "the other, rate limited and cached like generate; training's in-loop check uses token_f1 instead."
     )
     metric_pattern: str | None = Field(
         None, description="For metric 'regex': the answer is correct when it matches this pattern (re.search)."
@@ -241,6 +243,28 @@ class ReferenceMatchFilter(Strict):
     min_score: float = Field(1.0, ge=0, le=1)
 
 
+class GroundedFilter(Strict):
+    """For extraction tasks: what the answer quotes must appear in the prompt (a teacher that copies
+    a value from its few-shot examples, or invents one, is dropped)."""
+
+    kind: Literal["grounded"]
+    pattern: str | None = Field(
+        None, description="Regular expression for the spans of the answer that must appear in the prompt's user "
+                          "turns (default: the whole answer).")
+    allow: list[str] = Field(default_factory=list, description="Answers exempt from the check, e.g. [NONE].")
+    ignore_case: bool = Field(True, description="Compare case-insensitively.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
 class AgreementFilter(Strict):
     kind: Literal["agreement"]
     min_agreement: float = Field(
@@ -257,14 +281,28 @@ class PythonFilter(Strict):
 
 
 Filter = Annotated[
-    MinMeanLogprobFilter | RegexFilter | JsonSchemaFilter | ReferenceMatchFilter | AgreementFilter | PythonFilter,
+    MinMeanLogprobFilter | RegexFilter | JsonSchemaFilter | ReferenceMatchFilter | GroundedFilter | AgreementFilter
+    | PythonFilter,
     Field(discriminator="kind"),
 ]
 
 
 class LayerDrop(Strict):
-    keep_every: int = Field(2, ge=1, description="Keep every k-th decoder layer (as DistilBERT and Minitron do).")
-    keep_last: bool = Field(True, description="Always keep the last decoder layer.")
+    """Which decoder layers of the base model a smaller student keeps: every k-th (DistilBERT), or
+    the first n (depth pruning of a contiguous block of deeper layers, as Minitron and ShortGPT do;
+    it keeps more of what a copying or extraction task needs). Default: every 2nd."""
+
+    keep_every: int | None = Field(None, ge=1, description="Keep every k-th decoder layer: 0, k, 2k, ...")
+    keep_first: int | None = Field(None, ge=1, description="Keep the first n decoder layers.")
+    keep_last: bool = Field(True, description="Always keep the last decoder layer as well.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> LayerDrop:
+        if self.keep_every is not None and self.keep_first is not None:
+            raise ValueError("give keep_every or keep_first, not both")
+        if self.keep_every is None and self.keep_first is None:
+            self.keep_every = 2
+        return self
 
 
 class Student(Strict):
@@ -275,6 +313,9 @@ class Student(Strict):
     )
     layer_drop: LayerDrop | None = Field(None, description="Start from a layer-dropped copy of base_model.")
     chat_template: str | None = Field(None, description="Jinja chat template for models without one.")
+    train: dict[str, Any] | None = Field(
+        None, description="Overrides of `train:` for this student only (e.g. learning_rate, max_steps, epochs): "
+        "sizes often need their own.")
 
 
 class DeepSpeed(Strict):
@@ -308,7 +349,12 @@ class Eval(Strict):
     batch_size: int = Field(8, ge=1, description="Batch size for throughput (the one serving will use).")
     latency_samples: int = Field(32, ge=1, description="Requests timed at batch 1 for p50/p95.")
     price_per_instance_hour_usd: float = Field(0.10, ge=0, description="Price of the machine serving the student.")
-    judge_teacher: str | None = Field(None, description="Teacher name to use as LLM judge (open-ended tasks).")
+    judge_teacher: str | None = Field(
+        None, description="For task.metric 'llm_judge': the teacher (by name) that judges; default: the first.")
+    judge_instructions: str | None = Field(
+        None, description="For 'llm_judge': the judge's rubric (system prompt); default: a built-in one asking for 1 "
+        "when the candidate answers the message as well as the reference, else 0.")
+    judge_max_tokens: int = Field(4, ge=1, le=512, description="For 'llm_judge': tokens the judge may answer with.")
     limit: int | None = Field(None, ge=1, description="Smoke knob: evaluate at most this many holdout prompts.")
 
 
@@ -356,6 +402,12 @@ class PipelineConfig(Strict):
     serve: Serve = Field(default_factory=Serve)
     drift: Drift = Field(default_factory=Drift)
 
+    def train_for(self, student: Student) -> Train:
+        """`train:` with the student's own overrides applied."""
+        if not student.train:
+            return self.train
+        return Train.model_validate({**self.train.model_dump(mode="json", by_alias=True), **student.train})
+
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
         for kind, items in (("teachers", self.teachers), ("students", self.students)):
@@ -367,6 +419,12 @@ class PipelineConfig(Strict):
         for key, value in (("serve.teacher", self.serve.teacher), ("eval.judge_teacher", self.eval.judge_teacher)):
             if value is not None and value not in teacher_names:
                 raise ValueError(f"{key} '{value}' is not a configured teacher ({', '.join(sorted(teacher_names))})")
+        for student in self.students:
+            try:
+                self.train_for(student)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"students.{student.name}.train: {problems}") from None
         if self.serve.student is not None and self.serve.student not in {s.name for s in self.students}:
             raise ValueError(f"serve.student '{self.serve.student}' is not a configured student")
         if self.serve.min_replicas > self.serve.max_replicas:

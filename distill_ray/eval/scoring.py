@@ -33,16 +33,31 @@ class Scored:
     confidence: float | None
 
 
-def score_rows(rows: list[dict[str, Any]], score: Callable[[str | None, str | None], float]) -> list[Scored]:
-    """rows: id, category, reference, teacher (answer), student (answer), confidence."""
+def score_rows(rows: list[dict[str, Any]], score: Callable[..., float]) -> list[Scored]:
+    """rows: id, category, reference, teacher (answer), student (answer), confidence, messages.
+
+    `score(answer, target)`; a scorer with `needs_row` (the LLM judge) gets the row as well.
+    """
     out = []
     for r in rows:
         has_ref = bool(r.get("reference"))
         target = r["reference"] if has_ref else r["teacher"]
+        s = (lambda a, t, r=r: score(a, t, {"prompt": r.get("messages") or []})) if getattr(score, "needs_row", False) \
+            else score
         out.append(Scored(id=r["id"], category=r["category"], target_is_reference=has_ref, student=r["student"],
-                          teacher=r["teacher"], student_score=score(r["student"], target),
-                          teacher_score=score(r["teacher"], target), agreement=score(r["student"], r["teacher"]),
+                          teacher=r["teacher"], student_score=s(r["student"], target),
+                          teacher_score=s(r["teacher"], target), agreement=s(r["student"], r["teacher"]),
                           confidence=r.get("confidence")))
+    return out
+
+
+def pairs_to_score(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None, str | None]]:
+    """The (row, answer, target) pairs `score_rows` will score, for a scorer that asks ahead (the judge)."""
+    out = []
+    for r in rows:
+        target = r["reference"] if r.get("reference") else r["teacher"]
+        row = {"prompt": r.get("messages") or []}
+        out += [(row, r["student"], target), (row, r["teacher"], target), (row, r["student"], r["teacher"])]
     return out
 
 

@@ -17,7 +17,15 @@ from typing import Any
 
 from distill_ray.config.schema import PipelineConfig
 from distill_ray.errors import StepFailed
-from distill_ray.eval.scoring import calibration, gate, percentile, quality, recommend_threshold, score_rows
+from distill_ray.eval.scoring import (
+    calibration,
+    gate,
+    pairs_to_score,
+    percentile,
+    quality,
+    recommend_threshold,
+    score_rows,
+)
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
 from distill_ray.metrics import metric
 from distill_ray.storage import Workdir
@@ -69,16 +77,29 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
     rows = [r for r in holdout_rows(config, workdir) if r["teacher"] is not None]
     if not rows:
         raise MissingInput("eval: no holdout prompt has a teacher answer")
-    score = metric(config.task.metric, config.task.metric_pattern)
+    judge = None
+    if config.task.metric == "llm_judge":
+        from distill_ray.eval.judge import LLMJudge
+
+        judge = LLMJudge(config, workdir, echo)
+    score = judge if judge is not None else metric(config.task.metric, config.task.metric_pattern)
     teacher_cost = 1000 * sum(r["teacher_cost_usd"] for r in rows) / len(rows)
     teacher_latencies = sorted(r["teacher_latency_s"] * 1000 for r in rows if r["teacher_latency_s"] is not None)
     teacher_side = {"cost_per_1k_requests_usd": round(teacher_cost, 6),
                     "p95_latency_ms": round(percentile(teacher_latencies, 95), 1) if teacher_latencies else None}
     results, disagreements, scored_rows = {}, [], []
+    predicted = {}
     for name in students:
         uri = workdir.uri_of("students", name, "best")
         predictions, speed = _predict(config, uri, rows)
-        scored = score_rows([{**r, **predictions[r["id"]]} for r in rows], score)
+        predicted[name] = ([{**r, **predictions[r["id"]]} for r in rows], speed, uri)
+    if judge is not None:  # one fan-out of judge calls for every student's pairs
+        judge.prepare([pair for student_rows, _, _ in predicted.values() for pair in pairs_to_score(student_rows)])
+        echo(f"eval: judge {judge.teacher.name}: {judge.stats['calls']} calls, {judge.stats['cached']} cached, "
+             f"{judge.stats['errors']} errors, {judge.stats['unparsed']} unreadable verdicts, "
+             f"${judge.stats['cost_usd']:.4f} spent on judging")
+    for name, (student_rows, speed, uri) in predicted.items():
+        scored = score_rows(student_rows, score)
         scored_rows += [{"student_name": name, **vars(r)} for r in scored]
         q = quality(scored)
         cost = speed["seconds_per_request_at_batch"] * config.eval.price_per_instance_hour_usd / 3600 * 1000
@@ -99,6 +120,8 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
         echo(student_summary(results[name]))
     report = {"holdout_rows": len(rows), "metric": config.task.metric, "bar": config.task.bar.model_dump(),
               "teacher": teacher_side, "students": results}
+    if judge is not None:
+        report["judge"] = {"teacher": judge.teacher.name, **judge.stats}
     workdir.write_json(report, STEP, "metrics.json")
     workdir.write_bytes("".join(json.dumps(d) + "\n" for d in disagreements).encode(), STEP, "disagreements.jsonl")
     workdir.write_bytes("".join(json.dumps(r) + "\n" for r in scored_rows).encode(), STEP, "rows.jsonl")

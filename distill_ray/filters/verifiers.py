@@ -15,6 +15,7 @@ from typing import Any
 
 from distill_ray.config.schema import (
     AgreementFilter,
+    GroundedFilter,
     JsonSchemaFilter,
     MinMeanLogprobFilter,
     PythonFilter,
@@ -83,6 +84,8 @@ def build_check(spec: Any) -> Check | None:
             value = score(row.get("completion"), row["reference"])
             return None if value >= spec.min_score else f"reference_match: {spec.metric} {value:.2f} < {spec.min_score}"
         return check
+    if isinstance(spec, GroundedFilter):
+        return _grounded_check(spec)
     if isinstance(spec, PythonFilter):
         function = load_python_filter(spec.function)
 
@@ -93,6 +96,25 @@ def build_check(spec: Any) -> Check | None:
     if isinstance(spec, AgreementFilter):
         return None
     raise FilterError(f"filters: unknown filter {spec!r}")
+
+
+def _grounded_check(spec: GroundedFilter) -> Check:
+    flags = re.IGNORECASE if spec.ignore_case else 0
+    spans = re.compile(spec.pattern, flags) if spec.pattern else None
+    fold = (lambda text: text.casefold()) if spec.ignore_case else (lambda text: text)  # noqa: E731
+    allowed = {fold(a.strip()) for a in spec.allow}
+
+    def check(row: Row) -> str | None:
+        answer = (row.get("completion") or "").strip()
+        if fold(answer) in allowed:
+            return None
+        source = fold("\n".join(str(m.get("content") or "") for m in row.get("messages") or [] if m.get("role") == "user"))
+        quoted = [m.group(0) for m in spans.finditer(answer)] if spans else [answer]
+        missing = [q for q in quoted if fold(q) not in source]
+        if missing:
+            return f"grounded: {missing[0][:60]!r} is not in the prompt"
+        return None
+    return check
 
 
 def agreement_reasons(rows: list[Row], spec: AgreementFilter) -> dict[int, str]:

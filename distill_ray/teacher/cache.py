@@ -34,12 +34,13 @@ def answer_key(teacher: Teacher, messages: list[dict[str, str]], sample: int) ->
 
 
 class AnswerCache:
-    """Durable answers of one teacher under `<workdir>/teacher/cache/<teacher>/`."""
+    """Durable answers of one teacher under `<workdir>/teacher/cache/<teacher>/` (or `parts`, e.g. the
+    eval's judge calls)."""
 
-    def __init__(self, workdir: Workdir, teacher: str):
+    def __init__(self, workdir: Workdir, teacher: str, parts: tuple[str, ...] | None = None):
         self.workdir = workdir
         self.teacher = teacher
-        self.parts = (*CACHE_DIR, teacher)
+        self.parts = tuple(parts) if parts else (*CACHE_DIR, teacher)
         self._segment = None
         self._synced = 0.0
 

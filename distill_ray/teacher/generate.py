@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from distill_ray.config.schema import PipelineConfig, Task, Teacher
+from distill_ray.config.schema import Generate, PipelineConfig, Task, Teacher
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
 from distill_ray.ray_env import init_ray
 from distill_ray.storage import Workdir
@@ -58,13 +58,14 @@ def teacher_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str,
 class TeacherWorker:
     """A Ray Data actor: sends its batches' prompts concurrently and caches each answer on arrival."""
 
-    def __init__(self, teacher_json: dict[str, Any], workdir: str, limiter: Any, lease_batch: int):
+    def __init__(self, teacher_json: dict[str, Any], workdir: str, limiter: Any, lease_batch: int,
+                 cache_parts: tuple[str, ...] | None = None):
         self.teacher = Teacher.model_validate(teacher_json)
         env = self.teacher.api_key_env
         api_key = os.environ.get(env) if env else None
         if env and not api_key:
             raise TeacherRejected(f"environment variable {env} (teachers[].api_key_env) is not set on this node")
-        self.cache = AnswerCache(Workdir(workdir), self.teacher.name)
+        self.cache = AnswerCache(Workdir(workdir), self.teacher.name, cache_parts)
         self.cache_lock = threading.Lock()
         self.node = ray.get_runtime_context().get_node_id()[:12]
         self.api_key = api_key
@@ -195,8 +196,6 @@ def run_generate(config: PipelineConfig, echo: Callable[[str], None] = print) ->
 
 def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[str, Any]], workdir: Workdir,
                   budget_left: float | None, echo: Callable[[str], None]) -> dict[str, Any]:
-    cache = AnswerCache(workdir, teacher.name)
-    cached = cache.load()
     work = []
     for prompt in prompts:
         messages = teacher_messages(config.task, prompt["messages"])
@@ -204,52 +203,10 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
             key = answer_key(teacher, messages, sample)
             work.append({"key": key, "sample": sample, "request": json.dumps(messages, ensure_ascii=False),
                          "prompt": prompt})
-    pending = [w for w in work if w["key"] not in cached]
-    if config.generate.limit is not None:
-        pending = pending[: config.generate.limit]
-    spent_before = sum(r.get("cost_usd") or 0.0 for r in cached.values())
-    cached_count = sum(1 for w in work if w["key"] in cached)
-    echo(f"generate[{teacher.name}]: {len(work)} answers needed, {cached_count} cached, "
-         f"{len(pending)} to ask {teacher.base_url} (model {teacher.model})")
-    results: dict[str, dict[str, Any]] = {}
-    nodes: Counter[str] = Counter()
-    if pending:
-        # One request from the driver first: a bad key, URL or model stops here, before any fan-out.
-        first = _preflight(teacher, workdir, pending[0], budget_left - spent_before if budget_left is not None else None)
-        results[first["key"]] = first
-        nodes[first["node"]] += 1
-        pending = pending[1:]
-    if pending:
-        limiter = RateLimiter.remote(teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_concurrency,
-                                     budget_left - spent_before if budget_left is not None else None)
-        ds = ray.data.from_items([{"key": w["key"], "sample": w["sample"], "request": w["request"]} for w in pending])
-        mapped = ds.map_batches(
-            TeacherWorker, batch_size=config.generate.batch_size, batch_format="pyarrow",
-            # Several batches per worker at once: their __call__ threads hand the rows to the worker's
-            # event loop (true multi-threading, or Ray Data would run one UDF call at a time per actor).
-            compute=ray.data.ActorPoolStrategy(size=config.generate.num_workers,
-                                               max_concurrent_calls_per_actor=config.generate.batches_per_worker,
-                                               enable_true_multi_threading=True),
-            fn_constructor_kwargs={"teacher_json": teacher.model_dump(mode="json"), "workdir": workdir.uri,
-                                   "limiter": limiter, "lease_batch": _lease_batch(teacher, config)},
-            num_cpus=0.5,
-        )
-        progress = _Progress(teacher.name, limiter, len(pending), spent_before, results, config.generate.progress_every_s,
-                             echo)
-        try:
-            for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
-                for r in batch.to_pylist():
-                    results[r["key"]] = r
-                    nodes[r["node"]] += 1
-        except Exception as exc:
-            rejected = _rejection(exc)
-            if rejected is not None:
-                raise rejected from None
-            raise
-        finally:
-            progress.stop()
-            ray.kill(limiter)
-    answers = cache.load()
+    asked = ask_teacher(teacher, work, workdir, config.generate, budget_left, echo, label=f"generate[{teacher.name}]",
+                        limit=config.generate.limit)
+    answers, results, nodes = asked["answers"], asked["results"], asked["nodes"]
+    cached_count, spent_before = asked["cached_before"], asked["spent_before"]
     rows, errors = [], Counter()
     for w in work:
         prompt, answer = w["prompt"], answers.get(w["key"])
@@ -282,6 +239,69 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
     }
 
 
+def ask_teacher(teacher: Teacher, work: list[dict[str, Any]], workdir: Workdir, generate: Generate,
+                budget_left: float | None, echo: Callable[[str], None], *, label: str,
+                cache_parts: tuple[str, ...] | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Ask a teacher for every request of `work` ({key, sample, request: JSON messages}) not yet in
+    its cache: one preflight call from the driver, then Ray Data workers under one rate limiter,
+    every answer durable on arrival. Used by generate, and by eval's LLM judge (`cache_parts`).
+
+    Returns answers (every cached answer by key), results (this run's outcome by key, errors
+    included), nodes (calls per node), cached_before, spent_before.
+    """
+    cache = AnswerCache(workdir, teacher.name, cache_parts)
+    cached = cache.load()
+    pending = [w for w in work if w["key"] not in cached]
+    if limit is not None:
+        pending = pending[:limit]
+    spent_before = sum(r.get("cost_usd") or 0.0 for r in cached.values())
+    cached_count = sum(1 for w in work if w["key"] in cached)
+    echo(f"{label}: {len(work)} answers needed, {cached_count} cached, "
+         f"{len(pending)} to ask {teacher.base_url} (model {teacher.model})")
+    results: dict[str, dict[str, Any]] = {}
+    nodes: Counter[str] = Counter()
+    if pending:
+        # One request from the driver first: a bad key, URL or model stops here, before any fan-out.
+        first = _preflight(teacher, workdir, pending[0], budget_left - spent_before if budget_left is not None else None,
+                           cache_parts)
+        results[first["key"]] = first
+        nodes[first["node"]] += 1
+        pending = pending[1:]
+    if pending:
+        init_ray()
+        limiter = RateLimiter.remote(teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_concurrency,
+                                     budget_left - spent_before if budget_left is not None else None)
+        ds = ray.data.from_items([{"key": w["key"], "sample": w["sample"], "request": w["request"]} for w in pending])
+        mapped = ds.map_batches(
+            TeacherWorker, batch_size=generate.batch_size, batch_format="pyarrow",
+            # Several batches per worker at once: their __call__ threads hand the rows to the worker's
+            # event loop (true multi-threading, or Ray Data would run one UDF call at a time per actor).
+            compute=ray.data.ActorPoolStrategy(size=generate.num_workers,
+                                               max_concurrent_calls_per_actor=generate.batches_per_worker,
+                                               enable_true_multi_threading=True),
+            fn_constructor_kwargs={"teacher_json": teacher.model_dump(mode="json"), "workdir": workdir.uri,
+                                   "limiter": limiter, "lease_batch": _lease_batch(teacher, generate),
+                                   "cache_parts": cache_parts},
+            num_cpus=0.5,
+        )
+        progress = _Progress(label, limiter, len(pending), spent_before, results, generate.progress_every_s, echo)
+        try:
+            for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+                for r in batch.to_pylist():
+                    results[r["key"]] = r
+                    nodes[r["node"]] += 1
+        except Exception as exc:
+            rejected = _rejection(exc)
+            if rejected is not None:
+                raise rejected from None
+            raise
+        finally:
+            progress.stop()
+            ray.kill(limiter)
+    return {"answers": cache.load(), "results": results, "nodes": nodes, "cached_before": cached_count,
+            "spent_before": spent_before}
+
+
 class _Progress:
     """A line every `every_s` seconds from the limiter's counters (answers arrive long before their
     batch ends): answered, rate, in flight, row errors so far, spend, 429s."""
@@ -303,7 +323,7 @@ class _Progress:
                 continue
             elapsed = time.monotonic() - self.start
             errors = sum(1 for r in list(self.results.values()) if r["error"])
-            self.echo(f"generate[{self.name}]: {state['answered']}/{self.total} answered, "
+            self.echo(f"{self.name}: {state['answered']}/{self.total} answered, "
                       f"{state['answered'] / elapsed:.1f}/s, {state['in_flight']} in flight, {errors} row errors, "
                       f"${self.spent_before + state['spent_usd']:.4f} spent, {state['throttled']} 429s")
 
@@ -312,12 +332,13 @@ class _Progress:
         self.thread.join(timeout=5)
 
 
-def _lease_batch(teacher: Teacher, config: PipelineConfig) -> int:
+def _lease_batch(teacher: Teacher, generate: Generate) -> int:
     """Requests leased per actor call: small enough that workers cannot hoard the concurrency."""
-    return max(1, min(32, teacher.max_concurrency // config.generate.num_workers))
+    return max(1, min(32, teacher.max_concurrency // generate.num_workers))
 
 
-def _preflight(teacher: Teacher, workdir: Workdir, item: dict[str, Any], budget: float | None) -> dict[str, Any]:
+def _preflight(teacher: Teacher, workdir: Workdir, item: dict[str, Any], budget: float | None,
+               cache_parts: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Ask one prompt from the driver; raises TeacherRejected on 401/403/404."""
     from distill_ray.teacher.client import cost_usd, estimate_tokens
 
@@ -337,7 +358,7 @@ def _preflight(teacher: Teacher, workdir: Workdir, item: dict[str, Any], budget:
     if answer.error_kind == "connection":
         raise TeacherRejected(f"teacher '{teacher.name}': cannot reach {teacher.base_url} ({answer.error}); is it running?")
     if answer.error is None:
-        cache = AnswerCache(workdir, teacher.name)
+        cache = AnswerCache(workdir, teacher.name, cache_parts)
         cache.put({"key": item["key"], "teacher": teacher.name, "model": teacher.model, "sample": item["sample"],
                    "node": "driver", **answer.to_dict()})
         cache.close()

@@ -116,7 +116,12 @@ def bucketed(rows: list[dict[str, Any]], batch_size: int, seed: int) -> list[dic
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-padded tensors for training: input_ids, attention_mask, labels."""
+    """Left-padded tensors: input_ids, attention_mask, position_ids, labels (and KD targets).
+
+    Left padding puts every answer at the end of its row, so the logits the loss needs are the last
+    `answer_window(labels)` positions: the LM head (a large share of a small model's compute, with a
+    50k vocabulary) runs on those only. position_ids count from each row's first real token.
+    """
     import torch
 
     width = max(len(r["input_ids"]) for r in rows)
@@ -125,18 +130,29 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids[i, width - n:] = torch.tensor(r["input_ids"])
+        labels[i, width - n:] = torch.tensor(r["labels"])
+        mask[i, width - n:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
     targets = [json.loads(r["kd"]) if r.get("kd") else [] for r in rows]
     k = max((len(ids) for t in targets for _, ids, _ in t), default=0)
     if k:
         kd_ids = torch.full((len(rows), width, k), -1, dtype=torch.long)
         kd_lp = torch.zeros((len(rows), width, k), dtype=torch.float32)
-        for i, t in enumerate(targets):
+        for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
+            offset = width - len(r["input_ids"])
             for pos, ids, lps in t:
-                kd_ids[i, pos, : len(ids)] = torch.tensor(ids)
-                kd_lp[i, pos, : len(lps)] = torch.tensor(lps)
+                kd_ids[i, offset + pos, : len(ids)] = torch.tensor(ids)
+                kd_lp[i, offset + pos, : len(lps)] = torch.tensor(lps)
         batch.update({"kd_ids": kd_ids, "kd_logprobs": kd_lp})
     return batch
+
+
+def answer_window(labels: Any) -> int:
+    """How many trailing positions' logits a left-padded batch needs: from the one before its
+    earliest label to the end (logits at t predict the token at t + 1)."""
+    labelled = (labels != IGNORE).any(0).nonzero()
+    if len(labelled) == 0:
+        return 1
+    return labels.size(1) - int(labelled[0]) + 1

@@ -72,3 +72,32 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, kd_ids: torch.Tenso
     p = torch.softmax(teacher, dim=-1).nan_to_num(0.0)
     kd = -(p * student.masked_fill(~valid, 0.0)).sum(-1)
     return (1 - weight) * ce + weight * kd[positions].mean()
+
+
+def supports_logits_to_keep(model) -> bool:
+    """Whether the model's forward can compute logits for the last positions only (transformers'
+    `logits_to_keep`, on Llama, Qwen, Mistral, Gemma and most decoder-only models)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def student_loss(model, batch: dict[str, torch.Tensor], kd_weight: float, window: bool = True) -> torch.Tensor:
+    """The training loss of a left-padded batch (`data.collate`): cross-entropy on the answer
+    tokens, plus KD where the batch carries teacher top-k targets.
+
+    With `window`, the forward computes logits for the answer window only; the loss is the same as
+    on full logits (tests check it), for a fraction of the LM head's compute.
+    """
+    from distill_ray.train.data import answer_window
+
+    labels = batch["labels"]
+    keep = answer_window(labels) if window else labels.size(1)
+    extra = {"logits_to_keep": keep} if window else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], **extra).logits
+    logits = logits[:, -keep:]
+    kd_ids, kd_lp = batch.get("kd_ids"), batch.get("kd_logprobs")
+    if kd_ids is not None:
+        kd_ids, kd_lp = kd_ids[:, -keep:], kd_lp[:, -keep:]
+    return distill_loss(logits, labels[:, -keep:], kd_ids, kd_lp, kd_weight)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distill_ray.train.data import IGNORE, collate
-from distill_ray.train.kd import distill_loss
+from distill_ray.train.data import IGNORE, answer_window, collate
+from distill_ray.train.kd import student_loss, supports_logits_to_keep
 
 STATE_FILE = "distill_ray_state.json"
 
@@ -68,6 +68,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             _say(f"train[{cfg['name']}]: resumed at step {state['step']} from the last checkpoint")
             _write_history(workdir, out, state)  # as of that checkpoint (a crash may have cut a later eval)
 
+    window = supports_logits_to_keep(model)
     total = cfg["total_steps"]
     shard = ray.train.get_dataset_shard("train")
     pad_id = tokenizer.pad_token_id
@@ -81,13 +82,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             if i < skip:
                 continue
             tensors = {k: v.to(device) for k, v in collate(batch.to_pylist(), pad_id).items()}
-            if "kd_ids" in tensors:  # logit distillation: the teacher's top-k next to the answer
-                logits = engine(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
-                loss = distill_loss(logits, tensors["labels"], tensors["kd_ids"], tensors["kd_logprobs"],
-                                    cfg["kd_weight"])
-            else:
-                loss = engine(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                              labels=tensors["labels"]).loss
+            # Logits on the answer window only; KD next to CE when the batch has teacher top-k.
+            loss = student_loss(engine, tensors, cfg["kd_weight"], window)
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
@@ -210,10 +206,14 @@ def _holdout_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int)
         return None
     model.eval()
     total, count = 0.0, 0
+    window = supports_logits_to_keep(model)
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(rows[start:start + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"]
+        keep = answer_window(labels) if window else labels.size(1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], **({"logits_to_keep": keep} if window else {})).logits
+        logits, labels = logits[:, -keep:-1], labels[:, -keep + 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                                                  ignore_index=IGNORE, reduction="sum")
         total += float(loss)

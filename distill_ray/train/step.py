@@ -43,14 +43,16 @@ def run_train(config: PipelineConfig, echo: Callable[[str], None] = print) -> di
     if not examples["train"]:
         raise TrainDataError(f"train: the filtered set in {workdir.uri_of('filtered')} keeps no training rows "
                              f"({filtered['counts'].get('dropped_by_reason')}); loosen `filters:` or fix the teacher")
-    load_preset(config.train.deepspeed)  # an unknown preset fails here, before any model is loaded
+    for student in config.students:  # an unknown preset fails here, before any model is loaded
+        load_preset(config.train_for(student).deepspeed)
     manifests, rows = {}, []
     for student in config.students:
-        manifest = _train_one(config, student, workdir, examples, filtered["fingerprint"], echo)
+        own = config.model_copy(update={"train": config.train_for(student)})  # with the student's train overrides
+        manifest = _train_one(own, student, workdir, examples, filtered["fingerprint"], echo)
         manifests[student.name] = manifest
         rows.append(manifest["result"])
     workdir.write_json({"students": rows}, "students", "comparison.json")
-    echo(comparison_table(rows, config.task.metric))
+    echo(comparison_table(rows, _loop_metric(config)))
     return manifests
 
 
@@ -142,8 +144,8 @@ def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, ini
         "out_parts": ["students", student.name], "deepspeed": ds, "zero_stage": ds["zero_optimization"]["stage"],
         "micro_batch": micro, "total_steps": total, "eval_every_steps": min(t.eval_every_steps, total),
         "early_stopping_patience": t.early_stopping_patience, "kd_weight": t.kd_weight, "holdout_tokens": data["holdout"],
-        "eval_prompts": data["eval_prompts"], "metric": {"name": config.task.metric, "pattern": config.task.metric_pattern},
-        "metric_name": config.task.metric, "max_new_tokens": max(t_.max_tokens for t_ in config.teachers),
+        "eval_prompts": data["eval_prompts"], "metric": {"name": _loop_metric(config), "pattern": config.task.metric_pattern},
+        "metric_name": _loop_metric(config), "max_new_tokens": max(t_.max_tokens for t_ in config.teachers),
     }
 
 
@@ -185,6 +187,12 @@ def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[s
                          f"checkpoint is kept under {workdir.uri_of('students', student.name, 'ray')}: run "
                          "`distill-ray train` again to resume from it.") from error
     return dict(result.metrics or {})
+
+
+def _loop_metric(config: PipelineConfig) -> str:
+    """The metric checked during training: the task's, except 'llm_judge' (a judge call per eval
+    would bill the teacher every few steps), for which token_f1 against the target stands in."""
+    return "token_f1" if config.task.metric == "llm_judge" else config.task.metric
 
 
 def _read_metrics(workdir: Workdir, step: str) -> list[dict[str, Any]]:

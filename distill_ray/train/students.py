@@ -20,8 +20,8 @@ from distill_ray.train.data import ensure_chat_template
 
 
 def kept_layers(total: int, drop: LayerDrop) -> list[int]:
-    """Indices of the decoder layers kept: 0, k, 2k, ... and the last one when `keep_last`."""
-    keep = list(range(0, total, drop.keep_every))
+    """Indices of the decoder layers kept: 0, k, 2k, ... (or 0 .. n - 1) and the last one when `keep_last`."""
+    keep = list(range(min(drop.keep_first, total))) if drop.keep_first else list(range(0, total, drop.keep_every))
     if drop.keep_last and keep[-1] != total - 1:
         keep.append(total - 1)
     return keep

@@ -39,6 +39,7 @@ def test_a_student_stopped_after_one_step_fails_the_gate(filtered, student_folde
     assert mini["latency"]["p95_latency_ms"] > 0 and mini["cost_per_1k_requests_usd"] > 0
     page = (workdir / "eval" / "report.html").read_text()
     assert 'class="slice-bars"' in page and 'class="slices"' in page and 'class="calibration"' in page
+    _check_page_in_chromium(workdir / "eval" / "report.html", mini)
 
     # The recommended threshold, applied to the holdout rows, gives the served quality it promised.
     rows = [json.loads(x) for x in (workdir / "eval" / "rows.jsonl").read_text().splitlines()]
@@ -48,3 +49,62 @@ def test_a_student_stopped_after_one_step_fails_the_gate(filtered, student_folde
               for r in scored] if threshold["meets_bar"] else [False] * len(scored)
     assert quality(scored, served)["overall"] == threshold["served"]["overall"]
     assert threshold["served"]["overall"]["relative_quality"] >= Bar(**config["task"]["bar"]).min_relative_quality
+
+
+def test_llm_judge_scores_through_the_teacher_api_once(filtered, student_folder, tmp_path, capsys):  # noqa: F811
+    """metric llm_judge: the judge's verdicts are the scores, its calls go through generate's
+    machinery (rate limited, cached in eval/judge/), and a rerun of eval pays for none again."""
+    from tests.fakes.judge import verdict
+    from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+
+    path = _config(tmp_path, filtered, student_folder, max_steps=1, eval_every_steps=1)
+    config = json.loads(path.read_text())
+    with FakeTeacher(FakeTeacherConfig(answer_fn="tests.fakes.judge:lenient")) as judge:
+        config["teachers"][0].update({"base_url": judge.base_url, "requests_per_minute": 600, "max_concurrency": 4})
+        config["task"]["metric"] = "llm_judge"
+        config["eval"] = {"batch_size": 4, "latency_samples": 2, "judge_max_tokens": 2}
+        config["task"]["bar"] = {"max_p95_latency_ms": 60000, "max_cost_per_1k_requests_usd": 1.0}
+        path.write_text(json.dumps(config))
+        assert main(["train", str(path)]) == 0
+        assert main(["eval", str(path)]) in (0, 1)
+        out = capsys.readouterr().out
+        billed = judge.stats()["answered"]
+        workdir = Path(config["workdir"])
+        metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+        assert metrics["metric"] == "llm_judge" and metrics["judge"]["calls"] == billed > 0
+        assert f"{billed} calls" in out
+        rows = [json.loads(x) for x in (workdir / "eval" / "rows.jsonl").read_text().splitlines()]
+        for r in rows:  # every score is the judge's verdict (1 without a call when the answers are equal)
+            target = r["teacher"] if not r["target_is_reference"] else None
+            if target is None:
+                continue
+            expected = 1.0 if r["student"].strip().lower() == target.strip().lower() else float(verdict(r["student"], target))
+            assert r["student_score"] == expected
+        assert any(r["student_score"] == 0.0 for r in rows)
+        # Eval again from scratch: every verdict comes from eval/judge/, none is paid for twice.
+        (workdir / "eval" / "manifest.json").unlink()
+        assert main(["eval", str(path)]) in (0, 1)
+        assert judge.stats()["answered"] == billed
+        assert json.loads((workdir / "eval" / "metrics.json").read_text())["judge"]["cached"] == billed
+
+
+def _check_page_in_chromium(page: Path, result: dict) -> None:
+    """The report as a browser shows it (headless Chromium, no server): per-slice bars for student
+    and teacher, the calibration curve with its points, and the slice table with the numbers."""
+    from tests.browser import render
+
+    shown = render(page)
+    svgs = {s["cls"]: s for s in shown["svgs"]}
+    slices = result["quality"]["slices"]
+    bars = svgs["slice-bars"]
+    assert bars["visible"] and bars["w"] > 200 and bars["h"] > 20
+    assert bars["rects"] >= len(slices)  # a teacher bar per slice at least (a zero-score student bar has no width)
+    curve = svgs["calibration"]
+    buckets = len(result["calibration"])
+    assert curve["visible"] and curve["points"] == buckets > 0 and curve["lines"] == (1 if buckets > 1 else 0)
+    table = next(t for t in shown["tables"] if t["cls"] == "slices")
+    assert table["visible"] and table["head"][:2] == ["slice", "rows"]
+    assert {row[0] for row in table["rows"]} == set(slices)
+    for row in table["rows"]:
+        assert int(row[1]) == slices[row[0]]["rows"]
+    assert "FAIL" in shown["text"].upper()

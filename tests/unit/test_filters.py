@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from distill_ray.cli import main
-from distill_ray.config import load_config
+from distill_ray.config import ConfigError, load_config
 from distill_ray.filters.step import run_filter
 from distill_ray.filters.verifiers import FilterError
 from distill_ray.manifest import StepRecord, write_manifest
@@ -93,3 +93,21 @@ def test_filter_before_generate_is_exit_2(tmp_path, capsys):
     config.write_text(f"workdir: {tmp_path / 'empty'}\n")
     assert main(["filter", str(config)]) == 2
     assert "run `distill-ray generate` first" in capsys.readouterr().err
+
+
+def test_grounded_filter_drops_answers_not_in_the_prompt():
+    from distill_ray.config.schema import GroundedFilter
+    from distill_ray.filters.verifiers import build_check
+
+    check = build_check(GroundedFilter(kind="grounded", pattern=r"ORD-\d+", allow=["NONE"]))
+    row = _row(0, "ORD-512874")
+    row["messages"] = [{"role": "system", "content": "e.g. ORD-512874"},
+                       {"role": "user", "content": "where is ord-268193?"}]
+    assert check(row) == "grounded: 'ORD-512874' is not in the prompt"  # only in the system turn: copied
+    assert check({**row, "completion": "ORD-268193"}) is None  # case-insensitive by default
+    assert check({**row, "completion": "none"}) is None
+    whole = build_check(GroundedFilter(kind="grounded", ignore_case=False))
+    assert whole({**row, "completion": "ORD-268193"}) == "grounded: 'ORD-268193' is not in the prompt"
+    assert whole({**row, "completion": "ord-268193"}) is None
+    with pytest.raises(ConfigError, match=r"filters\.0\.grounded\.pattern.*not a valid regular expression"):
+        load_config(None, ["filters=[{kind: grounded, pattern: '(ORD'}]"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from distill_ray.config.schema import DeepSpeed, LayerDrop, Train
-from distill_ray.train.data import IGNORE, collate, tokenize
+from distill_ray.train.data import IGNORE, answer_window, collate, tokenize
 from distill_ray.train.deepspeed_config import deepspeed_config, load_preset
-from distill_ray.train.kd import align_top_logprobs, distill_loss
+from distill_ray.train.kd import align_top_logprobs, distill_loss, student_loss, supports_logits_to_keep
 from distill_ray.train.students import kept_layers
-from tests.integration.test_offline_teacher import tiny_tokenizer
+from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,10 @@ def tokenizer():
 def test_kept_layers_like_distilbert():
     assert kept_layers(30, LayerDrop(keep_every=3)) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
     assert kept_layers(30, LayerDrop(keep_every=3, keep_last=False)) == list(range(0, 30, 3))
-    assert kept_layers(4, LayerDrop(keep_every=2)) == [0, 2, 3]
+    assert kept_layers(4, LayerDrop(keep_every=2)) == [0, 2, 3] == kept_layers(4, LayerDrop())
+    assert kept_layers(30, LayerDrop(keep_first=12)) == [*range(12), 29]  # depth pruning of a contiguous block
+    with pytest.raises(ValueError, match="not both"):
+        LayerDrop(keep_every=2, keep_first=3)
 
 
 def test_loss_only_on_the_answer_and_truncation_is_reported(tokenizer):
@@ -54,9 +57,35 @@ def test_kd_targets_align_with_the_students_tokens(tokenizer):
     example = {"messages": [{"role": "user", "content": "Where is ORD-100001?"}], "completion": "ORD-100001",
                "tokens": tokens, "top_logprobs": json.dumps(tops)}
     row = tokenize(tokenizer, example, max_seq_len=512, kd_cache={})
-    batch = collate([row, {**row, "kd": ""}], tokenizer.pad_token_id)
-    first = row["prompt_len"] - 1  # the logits that predict the first answer token
+    short = tokenize(tokenizer, {**example, "messages": [{"role": "user", "content": "ORD-100001?"}]}, 512, kd_cache={})
+    batch = collate([row, {**short, "kd": ""}, short], tokenizer.pad_token_id)
+    first = row["prompt_len"] - 1  # the logits that predict the first answer token (the longest row: no padding)
     assert batch["kd_ids"][0, first, 0] == answer[0] and batch["kd_ids"][1].max() == -1
+    pad = len(row["input_ids"]) - len(short["input_ids"])  # left padding shifts the shorter row's targets
+    assert pad > 0 and batch["kd_ids"][2, pad + short["prompt_len"] - 1, 0] == answer[0]
+
+
+def test_loss_on_the_answer_window_equals_the_loss_on_full_logits(tokenizer):
+    """Left padding + logits for the answer window only: the same loss (and the same per-row loss
+    as each row alone, so padding changes nothing) as full logits."""
+    torch.manual_seed(0)
+    model = tiny_model(tokenizer.vocab_size, tokenizer.eos_token_id).eval()
+    assert supports_logits_to_keep(model)
+    rows = [tokenize(tokenizer, {"messages": [{"role": "user", "content": text}], "completion": answer}, 512)
+            for text, answer in (("Where is my parcel, order ORD-100001? It is late.", "ORD-100001"),
+                                 ("Refund?", "NONE"), ("Change my email", "NONE, no order number"))]
+    batch = collate(rows, tokenizer.pad_token_id)
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][1:, 0].any()  # left-padded
+    window = answer_window(batch["labels"])
+    assert window == max(len(r["input_ids"]) - r["prompt_len"] for r in rows) + 1 < batch["labels"].size(1)
+    with torch.no_grad():
+        windowed = student_loss(model, batch, kd_weight=0.0)
+        full = student_loss(model, batch, kd_weight=0.0, window=False)
+        assert torch.isclose(windowed, full, atol=1e-5)
+        total = sum(student_loss(model, collate([r], tokenizer.pad_token_id), 0.0) * (len(r["input_ids"]) - r["prompt_len"])
+                    for r in rows)
+        tokens = sum(len(r["input_ids"]) - r["prompt_len"] for r in rows)
+        assert torch.isclose(windowed, total / tokens, atol=1e-4)
 
 
 def test_kd_loss_is_lowest_when_the_student_matches_the_teacher():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import textwrap
@@ -104,6 +105,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from distill_ray.serve import step as serving
+
+    config = _load(args)
+    if args.stats:
+        print(serving.format_stats(serving.fetch_stats(config)) if not args.json
+              else json.dumps(serving.fetch_stats(config), indent=2))
+        return 0
+    if args.stop:
+        serving.stop(config)
+        return 0
+    from distill_ray.teacher.launch import launched_teachers
+
+    fallback = config.serve.teacher or config.teachers[0].name
+    needs_launch = any(t.launch and t.name == fallback for t in config.teachers)
+    with launched_teachers(config) if needs_launch and not args.detach else contextlib.nullcontext() as launched:
+        if launched is not None:
+            launched.wait()
+        serving.run_serve(config, detach=args.detach)
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from distill_ray.serve.step import rollout
+
+    config = _load(args)
+    try:
+        rollout(config, args.mode, args.percent, args.min_confidence)
+    except ValueError as exc:
+        raise ConfigError([Problem(key="rollout", message=str(exc))]) from None
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from distill_ray.drift import run_drift
+
+    config = _load(args)
+    report = run_drift(config)
+    return 0 if report["verdict"] == "ok" or not args.fail_on_drift else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill-ray",
@@ -140,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
          f"distill-ray train {EXAMPLE} -o train.max_steps=20")
     verb("eval", cmd_step, "step 6: each student against the teacher on the holdout, per slice; gate on task.bar",
          f"distill-ray eval {EXAMPLE}")
+    serve = verb("serve", cmd_serve, "step 7: the student behind the safety net on Ray Serve (OpenAI-compatible)",
+                 f"distill-ray serve {EXAMPLE}   # then: distill-ray serve {EXAMPLE} --stats")
+    serve.add_argument("--detach", action="store_true", help="deploy and return; the app keeps running on the cluster")
+    serve.add_argument("--stats", action="store_true", help="print the running app's /v1/distill/stats")
+    serve.add_argument("--json", action="store_true", help="with --stats: the raw JSON")
+    serve.add_argument("--stop", action="store_true", help="remove a detached app from the cluster")
+    roll = verb("rollout", cmd_rollout, "change the live serve app's rollout in place (no restart)",
+                f"distill-ray rollout {EXAMPLE} --mode canary --percent 25   # --percent 0: instant rollback")
+    roll.add_argument("--mode", choices=["shadow", "canary", "full"], default=None)
+    roll.add_argument("--percent", type=float, default=None, help="canary share of users, 0-100")
+    roll.add_argument("--min-confidence", type=float, default=None, help="fallback threshold (mean token logprob)")
+    drift = verb("drift", cmd_drift, "served traffic against the training prompts: mix, length, vocabulary, agreement",
+                 f"distill-ray drift {EXAMPLE}")
+    drift.add_argument("--fail-on-drift", action="store_true", help="exit 1 when the verdict is 'drift'")
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")

@@ -1,0 +1,505 @@
+"""The Ray Serve application of step 7: the student behind a safety net, OpenAI-compatible.
+
+Two deployments:
+- `StudentServer`: the student checkpoint (transformers on CPU) behind the batching generator the
+  offline teacher uses; each answer comes with its confidence (mean token logprob). Replicas and
+  autoscaling come from `serve:`.
+- `Router` (the HTTP ingress): `/v1/chat/completions` (plain and streaming SSE), `/v1/models`,
+  `/v1/distill/stats`, `/health`. Per request it picks the path (`policy.py`: shadow, sticky canary,
+  full), calls the student deployment and/or the teacher API, falls back to the teacher when the
+  student is unsure, slow or failing, and says who answered in `x-served-by` (and why not the
+  student in `x-fallback-reason`). The rollout (mode, canary share, confidence threshold) is the
+  deployment's `user_config`: `distill-ray rollout` changes it on the live replicas, no restart.
+
+Streaming: the safety net judges a whole student answer (its confidence) before it may be served,
+so a streamed response is sent as chunks once the answer is chosen; time to first token is the
+answer's latency. Metrics go to Ray's Prometheus export (`ray.util.metrics`); request logs to
+`<workdir>/serve/logs/` (`logs.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from typing import Any
+
+import ray
+from ray import serve
+
+from distill_ray.serve.policy import Rollout, fallback_reason, student_answers
+
+APP_NAME = "distill"
+CONTROL_NAME = f"{APP_NAME}-rollout"
+CONTROL_NAMESPACE = "distill-ray"
+POLL_S = 0.25
+
+
+@ray.remote(num_cpus=0)
+class RolloutControl:
+    """The live rollout, shared by every router replica (they poll it every POLL_S).
+
+    `distill-ray rollout` sets it; a Serve config update of the router's `user_config` (a RayService)
+    reaches it through `reconfigure`. A router replica that restarts re-applies the user_config it
+    was deployed with, which must not undo a later `distill-ray rollout`: only a user_config that
+    differs from the last one applied counts as a change.
+    """
+
+    def __init__(self, rollout: dict[str, Any]):
+        self.rollout, self.config_rollout, self.version = dict(rollout), dict(rollout), 0
+
+    def get(self) -> tuple[int, dict[str, Any]]:
+        return self.version, self.rollout
+
+    def set(self, rollout: dict[str, Any]) -> int:
+        self.rollout, self.version = {**self.rollout, **rollout}, self.version + 1
+        return self.version
+
+    def apply_config(self, rollout: dict[str, Any]) -> int:
+        if rollout and rollout != self.config_rollout:
+            self.config_rollout = dict(rollout)
+            return self.set(rollout)
+        return self.version
+
+
+def control_actor(initial: dict[str, Any] | None = None):
+    """The app's RolloutControl (created with `initial` when missing; None when missing and no initial)."""
+    try:
+        return ray.get_actor(CONTROL_NAME, namespace=CONTROL_NAMESPACE)
+    except ValueError:
+        if initial is None:
+            return None
+    return RolloutControl.options(name=CONTROL_NAME, namespace=CONTROL_NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote(initial)
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+# Prometheus histograms take positive bucket bounds: the confidence is exported negated (-mean logprob).
+UNCERTAINTY_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5]
+
+
+class RequestError(Exception):
+    """An OpenAI-style error answer."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def parse_chat_request(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    """Validate a /v1/chat/completions body; raises RequestError (400/413) naming what is wrong."""
+    if len(raw) > max_bytes:
+        raise RequestError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes} (serve.max_request_bytes)",
+                           code="request_too_large")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise RequestError(400, f"messages[{i}].role must be system, developer, user or assistant",
+                               param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}].content must be a string or a list of text parts",
+                               param=f"messages[{i}].content")
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    for key, kind in (("max_tokens", int), ("max_completion_tokens", int), ("temperature", (int, float))):
+        if body.get(key) is not None and (not isinstance(body[key], kind) or isinstance(body[key], bool)):
+            raise RequestError(400, f"'{key}' must be a number", param=key)
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "only n=1 is supported", param="n")
+    return {**body, "messages": clean}
+
+
+def completion_body(request_id: str, model: str, text: str, usage: dict[str, int], finish: str = "stop"
+                    ) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": usage}
+
+
+def sse_chunks(request_id: str, model: str, text: str, finish: str = "stop"):
+    """The answer as OpenAI chat.completion.chunk events (role, content pieces, finish), then [DONE]."""
+    created = int(time.time())
+
+    def event(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+    yield event({"role": "assistant", "content": ""}, None)
+    pieces, word = [], ""
+    for ch in text:  # words with their leading whitespace, as tokens stream
+        if ch.isspace() and word.strip():
+            pieces.append(word)
+            word = ""
+        word += ch
+    if word:
+        pieces.append(word)
+    for piece in pieces:
+        yield event({"content": piece}, None)
+    yield event({}, finish)
+    yield b"data: [DONE]\n\n"
+
+
+@serve.deployment(name="student", ray_actor_options={"num_cpus": 1})
+class StudentServer:
+    """The student checkpoint behind the batching generator; answers with their confidence."""
+
+    def __init__(self, model_uri: str, name: str, max_batch: int = 8, batch_wait_ms: float = 5.0):
+        import torch
+
+        from distill_ray.models import load_causal_lm
+        from distill_ray.teacher.batcher import BatchGenerator
+        from distill_ray.train.data import ensure_chat_template
+
+        torch.set_num_threads(max(1, int(os.environ.get("DISTILL_STUDENT_THREADS", "1"))))
+        self.name = name
+        self.model, self.tokenizer = load_causal_lm(model_uri)
+        ensure_chat_template(self.tokenizer)
+        self.generator = BatchGenerator(self.model, self.tokenizer, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+        self.generator.start()
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0
+                       ) -> dict[str, Any]:
+        from distill_ray.teacher.batcher import GenerationRequest
+        from distill_ray.train.data import prompt_ids
+
+        start = time.perf_counter()
+        ids = prompt_ids(self.tokenizer, messages)
+        future = self.generator.submit(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens,
+                                                         temperature=float(temperature or 0.0)))
+        result = await asyncio.wrap_future(future)
+        confidence = sum(result.logprobs) / len(result.logprobs) if result.logprobs else None
+        return {"text": result.text.strip(), "confidence": confidence, "finish_reason": result.finish_reason,
+                "prompt_tokens": len(ids), "completion_tokens": len(result.token_ids),
+                "compute_ms": (time.perf_counter() - start) * 1000}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "parameters": self.parameters, "pid": os.getpid(), **self.generator.stats()}
+
+
+class _Metrics:
+    """Ray's Prometheus export (scraped from every node's metrics agent)."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.requests = metrics.Counter("distill_serve_requests_total", "Requests answered, by who answered.",
+                                        tag_keys=("served_by", "mode"))
+        self.fallbacks = metrics.Counter("distill_serve_fallbacks_total", "Student answers replaced by the teacher's.",
+                                         tag_keys=("reason",))
+        self.errors = metrics.Counter("distill_serve_errors_total", "Requests answered with an error.",
+                                      tag_keys=("status",))
+        self.confidence = metrics.Histogram("distill_serve_student_uncertainty",
+                                            "Student confidence, negated: -(mean token logprob) of each answer.",
+                                            boundaries=UNCERTAINTY_BOUNDARIES)
+        self.latency = metrics.Histogram("distill_serve_latency_ms", "Request latency in ms, by who answered.",
+                                         boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("served_by",))
+        self.shadow = metrics.Counter("distill_serve_shadow_total", "Shadow comparisons, by slice and agreement.",
+                                      tag_keys=("category", "agree"))
+
+
+class _Stats:
+    """This replica's counters for /v1/distill/stats (Prometheus has the cluster-wide series)."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.served_by: Counter[str] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=20000))
+        self.shadow: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+
+    def snapshot(self) -> dict[str, Any]:
+        def pct(values: list[float], p: float) -> float | None:
+            if not values:
+                return None
+            ordered = sorted(values)
+            return round(ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))], 2)
+
+        latency = {who: {"count": len(v), "p50_ms": pct(list(v), 50), "p95_ms": pct(list(v), 95),
+                         "p99_ms": pct(list(v), 99)} for who, v in self.latency.items()}
+        total = sum(self.served_by.values())
+        return {"since": self.started, "requests": total, "served_by": dict(self.served_by),
+                "fallbacks": dict(self.fallbacks), "errors": dict(self.errors),
+                "fallback_rate": round(sum(self.fallbacks.values()) / total, 4) if total else None,
+                "latency": latency,
+                "shadow_agreement": {c: {"requests": n, "agreement": round(s / n, 4)}
+                                     for c, (s, n) in sorted(self.shadow.items()) if n}}
+
+
+@serve.deployment(name="router", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1000)
+class Router:
+    """The OpenAI-compatible ingress: routing, fallback, auth, limits, metrics, request logs."""
+
+    def __init__(self, student: Any, config_json: dict[str, Any], student_name: str, token_sha256: str | None = None):
+        from distill_ray.config.schema import PipelineConfig
+        from distill_ray.metrics import metric
+        from distill_ray.serve.logs import RequestLog
+        from distill_ray.storage import Workdir
+
+        self.student = student
+        self.config = PipelineConfig.model_validate(config_json)
+        s = self.config.serve
+        self.student_name = student_name
+        teacher_name = s.teacher or self.config.teachers[0].name
+        self.teacher = next(t for t in self.config.teachers if t.name == teacher_name)
+        self.teacher_key = os.environ.get(self.teacher.api_key_env) if self.teacher.api_key_env else None
+        # The bearer token's SHA-256, computed where `distill-ray serve` read serve.auth_token_env: the
+        # token itself never travels to the cluster nor sits in the Serve config.
+        self.token_sha256 = token_sha256
+        name = "token_f1" if self.config.task.metric == "llm_judge" else self.config.task.metric
+        self.agreement = metric(name, self.config.task.metric_pattern)
+        self.rollout = Rollout(mode=s.mode, canary_percent=s.canary_percent, min_confidence=s.min_confidence,
+                               latency_budget_ms=s.latency_budget_ms)
+        self.control = control_actor(vars(self.rollout))
+        self.control_version = -1
+        self._apply(*ray.get(self.control.get.remote()))  # a restarted replica resumes the live rollout
+        self.poller: asyncio.Task | None = None
+        self.salt = self.config.name
+        self.log = RequestLog(Workdir(self.config.workdir), batch_size=s.log_batch_size)
+        self.metrics = _Metrics()
+        self.stats = _Stats()
+        self.session = None
+        self.background: set[asyncio.Task] = set()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A Serve config update of the router's user_config (e.g. a RayService): the new rollout,
+        for every replica, through the control actor."""
+        if user_config:
+            Rollout(**{**vars(self.rollout), **user_config})  # a bad update fails here, visibly
+            ray.get(self.control.apply_config.remote(user_config))
+        self._apply(*ray.get(self.control.get.remote()))
+
+    def _apply(self, version: int, rollout: dict[str, Any]) -> None:
+        if version != self.control_version:
+            self.rollout = Rollout(**{k: rollout[k] for k in ("mode", "canary_percent", "min_confidence",
+                                                              "latency_budget_ms") if k in rollout})
+            self.control_version = version
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                self._apply(*await self.control.get.remote())
+            except Exception:  # noqa: BLE001 - keep serving with the last rollout; the control actor restarts
+                self.control = control_actor(vars(self.rollout))
+            await asyncio.sleep(POLL_S)
+
+    # ------------------------------------------------------------------------------------------ HTTP
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        if self.poller is None:
+            self.poller = asyncio.get_running_loop().create_task(self._poll())
+        path, method = request.url.path.rstrip("/"), request.method
+        try:
+            if path.endswith("/health"):
+                return JSONResponse({"status": "ok"})
+            self._authorize(request.headers.get("authorization"))
+            if path.endswith("/v1/models") and method == "GET":
+                return JSONResponse(self._models())
+            if path.endswith("/v1/distill/stats") and method == "GET":
+                return JSONResponse(self._stats_body())
+            if path.endswith("/v1/chat/completions") and method == "POST":
+                return await self._chat(request)
+            raise RequestError(404, f"no route {method} {request.url.path}", code="not_found")
+        except RequestError as err:
+            self.stats.errors[str(err.status)] += 1
+            self.metrics.errors.inc(tags={"status": str(err.status)})
+            headers = {"www-authenticate": "Bearer"} if err.status == 401 else None
+            return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    def _authorize(self, header: str | None) -> None:
+        if self.token_sha256 is None:
+            return
+        given = header[7:] if header and header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.token_sha256):
+            raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <serve.auth_token_env>)",
+                               type_="authentication_error", code="invalid_api_key")
+
+    def _models(self) -> dict[str, Any]:
+        now = int(time.time())
+        return {"object": "list", "data": [
+            {"id": self.student_name, "object": "model", "created": now, "owned_by": "distill-ray"},
+            {"id": self.teacher.model, "object": "model", "created": now, "owned_by": f"teacher:{self.teacher.name}"}]}
+
+    def _stats_body(self) -> dict[str, Any]:
+        return {"student": self.student_name, "teacher": self.teacher.name,
+                "rollout": vars(self.rollout), "log_lines_written": self.log.written, **self.stats.snapshot()}
+
+    async def _chat(self, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        t0 = time.perf_counter()
+        declared = request.headers.get("content-length")
+        limit = self.config.serve.max_request_bytes
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request body is {declared} bytes; the limit is {limit} (serve.max_request_bytes)",
+                               code="request_too_large")
+        body = parse_chat_request(await request.body(), limit)
+        request_id = uuid.uuid4().hex[:24]
+        user = str(body.get("user") or request.headers.get("x-user-id") or "")
+        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        category = str(request.headers.get("x-category") or metadata.get("category") or "unknown")
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or self.teacher.max_tokens)
+        temperature = float(body.get("temperature") or 0.0)
+        rollout = self.rollout
+        record: dict[str, Any] = {"request_id": request_id, "time": time.time(), "user": user or None,
+                                  "category": category, "mode": rollout.mode,
+                                  # the conversation without system turns: what `prompts.source` reads back
+                                  "prompt": [m for m in body["messages"] if m["role"] != "system"]}
+        answer = await self._answer(body, rollout, user or request_id, category, max_tokens, temperature, record)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        who = answer["served_by"]
+        record.update({"served_by": who, "fallback_reason": answer.get("fallback_reason"), "latency_ms": round(latency_ms, 2),
+                       "answer": answer["text"]})
+        self.stats.served_by[who] += 1
+        self.stats.latency[who].append(latency_ms)
+        self.metrics.requests.inc(tags={"served_by": who, "mode": rollout.mode})
+        self.metrics.latency.observe(latency_ms, tags={"served_by": who})
+        if rollout.mode != "shadow":
+            self.log.add(record)  # in shadow mode the background comparison logs the line, with both answers
+        headers = {"x-served-by": who, "x-request-id": request_id}
+        if answer.get("fallback_reason"):
+            headers["x-fallback-reason"] = answer["fallback_reason"]
+        model = self.student_name if who == "student" else self.teacher.model
+        if body.get("stream"):
+            return StreamingResponse(sse_chunks(request_id, model, answer["text"], answer["finish_reason"]),
+                                     media_type="text/event-stream", headers=headers)
+        return JSONResponse(completion_body(request_id, model, answer["text"], answer["usage"], answer["finish_reason"]),
+                            headers=headers)
+
+    async def _answer(self, body, rollout: Rollout, user_key: str, category: str, max_tokens: int, temperature: float,
+                      record: dict[str, Any]) -> dict[str, Any]:
+        messages = body["messages"]
+        if rollout.mode == "shadow":
+            teacher = await self._teacher(messages, max_tokens, temperature, body)
+            task = asyncio.get_running_loop().create_task(
+                self._shadow(messages, max_tokens, temperature, category, teacher["text"], record))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+            return teacher
+        if not student_answers(rollout, user_key, self.salt):
+            return await self._teacher(messages, max_tokens, temperature, body)
+        student = await self._student(messages, max_tokens, temperature)
+        record.update({"student_confidence": student.get("confidence"), "student_latency_ms": student.get("latency_ms"),
+                       "student_error": student.get("error")})
+        if student.get("confidence") is not None:
+            self.metrics.confidence.observe(-student["confidence"])
+        reason = fallback_reason(rollout, error=student.get("error"), confidence=student.get("confidence"),
+                                 latency_ms=student.get("latency_ms"))
+        if reason is None:
+            return student
+        self.stats.fallbacks[reason] += 1
+        self.metrics.fallbacks.inc(tags={"reason": reason})
+        record["student_answer"] = student.get("text")
+        try:
+            teacher = await self._teacher(messages, max_tokens, temperature, body)
+        except RequestError as err:
+            raise RequestError(502, f"the student could not be served ({reason}: {student.get('error') or 'see x-fallback-reason'}) "
+                               f"and the teacher failed too: {err.message}", type_="api_error", code="upstream_failed") from None
+        return {**teacher, "fallback_reason": reason}
+
+    async def _student(self, messages, max_tokens: int, temperature: float) -> dict[str, Any]:
+        start = time.perf_counter()
+        budget_s = self.rollout.latency_budget_ms / 1000
+        try:
+            out = await asyncio.wait_for(self.student.generate.remote(messages, max_tokens, temperature), budget_s * 2)
+        except TimeoutError:
+            return {"error": "timed out", "latency_ms": (time.perf_counter() - start) * 1000}
+        except Exception as exc:  # noqa: BLE001 - a dead or failing replica: the teacher answers instead
+            return {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "latency_ms": (time.perf_counter() - start) * 1000}
+        return {**out, "served_by": "student", "latency_ms": (time.perf_counter() - start) * 1000,
+                "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                          "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}}
+
+    async def _teacher(self, messages, max_tokens: int, temperature: float, body: dict[str, Any]) -> dict[str, Any]:
+        import aiohttp
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.teacher.timeout_s))
+        payload = {"model": self.teacher.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        for key in ("stop", "top_p", "seed"):
+            if body.get(key) is not None:
+                payload[key] = body[key]
+        headers = {"authorization": f"Bearer {self.teacher_key}"} if self.teacher_key else {}
+        url = self.teacher.base_url.rstrip("/") + "/chat/completions"
+        last = "no attempt"
+        for attempt in range(3):
+            try:
+                async with self.session.post(url, json=payload, headers=headers) as resp:
+                    raw = await resp.read()
+                    if resp.status == 200:
+                        data = json.loads(raw)
+                        choice = data["choices"][0]
+                        usage = data.get("usage") or {}
+                        return {"served_by": "teacher", "text": choice["message"].get("content") or "",
+                                "finish_reason": choice.get("finish_reason") or "stop",
+                                "usage": {"prompt_tokens": usage.get("prompt_tokens", 0),
+                                          "completion_tokens": usage.get("completion_tokens", 0),
+                                          "total_tokens": usage.get("total_tokens", 0)}}
+                    last = f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}"
+                    if resp.status not in (408, 409, 429) and resp.status < 500:
+                        break
+            except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, KeyError, IndexError) as exc:
+                last = f"{type(exc).__name__}: {str(exc)[:200]}"
+            await asyncio.sleep(0.1 * (attempt + 1))
+        raise RequestError(502, f"teacher '{self.teacher.name}' failed: {last}", type_="api_error", code="teacher_failed")
+
+    async def _shadow(self, messages, max_tokens: int, temperature: float, category: str, teacher_text: str,
+                      record: dict[str, Any]) -> None:
+        student = await self._student(messages, max_tokens, temperature)
+        agree = None
+        if student.get("error") is None:
+            agree = float(self.agreement(student["text"], teacher_text))
+            total = self.stats.shadow[category]
+            total[0] += agree
+            total[1] += 1
+            self.metrics.shadow.inc(tags={"category": category, "agree": str(agree >= 1.0).lower()})
+            if student.get("confidence") is not None:
+                self.metrics.confidence.observe(-student["confidence"])
+        record.update({"student_answer": student.get("text"), "student_confidence": student.get("confidence"),
+                       "student_latency_ms": student.get("latency_ms"), "student_error": student.get("error"),
+                       "shadow_agreement": agree})
+        self.log.add(record)
+
+    def __del__(self):
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
+
+
+def build_app(args: dict[str, Any]):
+    """The Serve application from `distill-ray serve`'s arguments (also the RayService import path):
+    {config: the pipeline config as JSON, student_uri, student_name, rollout: {...}, token_sha256}."""
+    from distill_ray.config.schema import PipelineConfig
+
+    config = PipelineConfig.model_validate(args["config"])
+    s = config.serve
+    if s.num_replicas == "auto":
+        options: dict[str, Any] = {"autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                                                          "target_ongoing_requests": 8}}
+    else:
+        options = {"num_replicas": s.num_replicas}
+    student = StudentServer.options(**options).bind(args["student_uri"], args["student_name"])
+    return Router.options(user_config=args.get("rollout") or {}).bind(student, args["config"], args["student_name"],
+                                                                      args.get("token_sha256"))

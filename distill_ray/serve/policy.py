@@ -1,0 +1,64 @@
+"""Who answers a request: the routing and fallback rules of the serve app, free of Ray and HTTP.
+
+- shadow: the teacher answers; the student runs too (in the background) and both are logged.
+- canary: a stable `canary_percent` share of users gets the student: the user key (the request's
+  `user`, else the `x-user-id` header) is hashed to a bucket in [0, 10000) — the same user always
+  lands in the same bucket, so raising the percentage only adds users, and 0 sends everyone back.
+  Requests without a user key are hashed by request id (not sticky: there is nothing to stick to).
+- full: every request goes to the student.
+In canary and full, a student answer falls back to the teacher when its confidence (mean token
+logprob) is below `min_confidence`, when it took longer than `latency_budget_ms`, or when the
+student failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["shadow", "canary", "full"]
+BUCKETS = 10_000
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The live routing settings (changed by `distill-ray rollout` without a restart)."""
+
+    mode: Mode = "shadow"
+    canary_percent: float = 0.0
+    min_confidence: float = -0.3
+    latency_budget_ms: float = 2000.0
+
+    def __post_init__(self):
+        if self.mode not in ("shadow", "canary", "full"):
+            raise ValueError(f"mode must be shadow, canary or full, not {self.mode!r}")
+        if not 0 <= self.canary_percent <= 100:
+            raise ValueError(f"canary_percent must be within 0..100, not {self.canary_percent}")
+
+
+def bucket(user_key: str, salt: str = "") -> int:
+    """The user's stable bucket in [0, BUCKETS)."""
+    digest = hashlib.sha256(f"{salt}:{user_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def student_answers(rollout: Rollout, user_key: str, salt: str = "") -> bool:
+    """Whether the student answers this user (False in shadow mode: the teacher answers)."""
+    if rollout.mode == "full":
+        return True
+    if rollout.mode == "shadow":
+        return False
+    return bucket(user_key, salt) < rollout.canary_percent * BUCKETS / 100
+
+
+def fallback_reason(rollout: Rollout, *, error: str | None, confidence: float | None, latency_ms: float | None
+                    ) -> str | None:
+    """Why a student answer must not be served (None: serve it)."""
+    if error is not None:
+        return "student_error"
+    if latency_ms is not None and latency_ms > rollout.latency_budget_ms:
+        return "latency_budget"
+    if confidence is None or confidence < rollout.min_confidence:
+        return "low_confidence"
+    return None

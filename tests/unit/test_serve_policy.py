@@ -1,0 +1,33 @@
+"""The serve app's routing rules: sticky canary share, modes, fallback reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from distill_ray.serve.policy import Rollout, fallback_reason, student_answers
+
+
+def test_canary_25_percent_of_1000_users_is_sticky():
+    users = [f"user-{i}" for i in range(1000)]
+    rollout = Rollout(mode="canary", canary_percent=25)
+    first = {u: student_answers(rollout, u) for u in users}
+    share = sum(first.values()) / len(users)
+    assert 0.21 <= share <= 0.29  # 25% +- 4 pp
+    for _ in range(3):  # each user always on one path
+        assert all(student_answers(rollout, u) == first[u] for u in users)
+    # Raising the share only adds users; 0 is the instant rollback.
+    wider = {u: student_answers(Rollout(mode="canary", canary_percent=50), u) for u in users}
+    assert all(wider[u] for u in users if first[u]) and sum(wider.values()) > sum(first.values())
+    assert not any(student_answers(Rollout(mode="canary", canary_percent=0), u) for u in users)
+
+
+def test_modes_and_fallback_reasons():
+    assert not student_answers(Rollout(mode="shadow", canary_percent=100), "u")
+    assert student_answers(Rollout(mode="full"), "u")
+    r = Rollout(mode="full", min_confidence=-0.3, latency_budget_ms=500)
+    assert fallback_reason(r, error=None, confidence=-0.1, latency_ms=100) is None
+    assert fallback_reason(r, error=None, confidence=-0.5, latency_ms=100) == "low_confidence"
+    assert fallback_reason(r, error=None, confidence=-0.1, latency_ms=900) == "latency_budget"
+    assert fallback_reason(r, error="boom", confidence=None, latency_ms=None) == "student_error"
+    with pytest.raises(ValueError, match="canary_percent"):
+        Rollout(mode="canary", canary_percent=120)

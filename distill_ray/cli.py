@@ -100,7 +100,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     print(f"distill-ray run {config.name}: steps {', '.join(wanted)}; workdir {config.workdir}")
     start = time.perf_counter()
-    _run_steps(config, wanted, announce=True)
+    try:
+        _run_steps(config, wanted, announce=True)
+    finally:
+        from distill_ray.summary import summary
+
+        table = summary(config)
+        if table:
+            print(table)
     print(f"distill-ray run: all steps done in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -67,6 +67,10 @@ STEPS: dict[str, Step] = {step.name: step for step in (
     # eval's driver runs no model itself today (a Ray Data actor and a Ray task do), but on a GPU
     # cluster its job lands next to the students' GPUs.
     Step("eval", "distill_ray.eval.step:run_eval", entrypoint_gpus=one_gpu_if_use_gpu, calls_teacher=when_judging),
+    # The student behind the safety net on Ray Serve, the held-out traffic replayed through it in
+    # shadow mode, then in canary; the teacher answers (shadow) and catches fallbacks.
+    Step("replay", "distill_ray.serve.replay:run_replay", calls_teacher=always),
+    Step("drift", "distill_ray.drift:run_drift"),
 )}
 
 

@@ -7,6 +7,8 @@ scripts/setup.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/distill-ray validate jobs/configs/support_orders.yaml > /dev/null
 echo "config jobs/configs/support_orders.yaml is valid (distill-ray validate prints it resolved)"
-# Steps so far: the prompt set, the teacher's answers (the offline teacher is started for them and
-# stopped after), the filter, the students. eval and serve join as they land.
-exec .venv/bin/distill-ray run jobs/configs/support_orders.yaml --steps prompts,generate,filter "$@"
+# Every step: the prompt set, the teacher's answers (the offline teacher is started for the steps
+# that call it and stopped after), the filter, two students trained with DeepSpeed on Ray Train,
+# eval against the teacher, the student served on Ray Serve with the held-out traffic replayed in
+# shadow mode then canary, and drift. It ends with the distillation summary.
+exec .venv/bin/distill-ray run jobs/configs/support_orders.yaml "$@"

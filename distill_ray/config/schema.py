@@ -338,6 +338,9 @@ class Train(Strict):
     early_stopping_patience: int = Field(2, ge=0, description="Evals without improvement before stopping; 0 = off.")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the last checkpoint this many times.")
     max_steps: int | None = Field(None, ge=1, description="Smoke knob: stop after this many steps.")
+    prefer_references: bool = Field(
+        False, description="Train on the log's reference (e.g. agents' labels) where a training prompt has one, the "
+        "teacher's kept answer elsewhere: gold labels fix the teacher's mistakes and add the rows the filters dropped.")
     logit_distillation: bool = Field(
         False, description="Add a KD term on the teacher's top logprobs where teacher and student tokens align "
         "(same tokenizer); plain SFT for rows that do not.")
@@ -361,7 +364,9 @@ class Eval(Strict):
 class Serve(Strict):
     mode: Literal["shadow", "canary", "full"] = "shadow"
     canary_percent: float = Field(5, ge=0, le=100, description="Share of users (sticky by user) served by the student.")
-    min_confidence: float = Field(-0.3, le=0, description="Student answers below this mean logprob fall back.")
+    min_confidence: float | Literal["recommended"] = Field(
+        -0.3, description="Student answers below this mean token logprob fall back to the teacher; 'recommended': the "
+        "threshold eval recommends for the served student (the least fallback that keeps the bar).")
     latency_budget_ms: float = Field(2000, gt=0, description="Student answers slower than this fall back.")
     student: str | None = Field(None, description="Student name to serve; default: the best that passed eval.")
     teacher: str | None = Field(None, description="Teacher name to fall back to; default: the first.")
@@ -427,6 +432,8 @@ class PipelineConfig(Strict):
                 raise ValueError(f"students.{student.name}.train: {problems}") from None
         if self.serve.student is not None and self.serve.student not in {s.name for s in self.students}:
             raise ValueError(f"serve.student '{self.serve.student}' is not a configured student")
+        if isinstance(self.serve.min_confidence, float) and self.serve.min_confidence > 0:
+            raise ValueError("serve.min_confidence: a mean token logprob is at most 0")
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
         uses_reference = any(getattr(f, "kind", "") == "reference_match" for f in self.filters)

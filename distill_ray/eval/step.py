@@ -40,8 +40,18 @@ class GateFailed(StepFailed):
 
 
 def holdout_rows(config: PipelineConfig, workdir: Workdir) -> list[dict[str, Any]]:
-    """The holdout prompts with the first teacher's answer (config order, sample 0)."""
+    """The holdout prompts with the first teacher's answer (config order, sample 0).
+
+    `trusted` says whether that answer passed the filters (True when there is no filter step): a row
+    without a reference is scored against the teacher's answer only when it is trusted — scoring a
+    student against an answer the filters rejected (a number copied from the few-shot turns) would
+    count the student's right answers as wrong.
+    """
     teacher = config.teachers[0].name
+    kept = None
+    if read_manifest(workdir, "filtered"):
+        kept = {(r["id"], r["sample"]): r["kept"] for r in workdir.read_table("filtered", "rows").to_pylist()
+                if r["teacher"] == teacher and r["split"] == "holdout"}
     rows = [r for r in workdir.read_table("teacher", "answers").to_pylist()
             if r["split"] == "holdout" and r["teacher"] == teacher and r["sample"] == 0]
     rows.sort(key=lambda r: r["id"])
@@ -49,6 +59,7 @@ def holdout_rows(config: PipelineConfig, workdir: Workdir) -> list[dict[str, Any
         rows = rows[: config.eval.limit]
     return [{"id": r["id"], "category": r["category"], "reference": r["reference"],
              "teacher": (r["completion"] or "").strip() if not r["error"] else None,
+             "trusted": True if kept is None else bool(kept.get((r["id"], 0), False)),
              "teacher_cost_usd": r["cost_usd"] or 0.0, "teacher_latency_s": r["latency_s"],
              "messages": student_messages(config.task, r["messages"])} for r in rows]
 
@@ -66,7 +77,8 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
             raise MissingInput(f"student '{student.name}' has no finished training in "
                                f"{workdir.uri_of('students', student.name)}: run `distill-ray train` first")
         students[student.name] = manifest
-    record = StepRecord(STEP, {"teacher": teacher_manifest["fingerprint"],
+    filtered_manifest = read_manifest(workdir, "filtered") or {}
+    record = StepRecord(STEP, {"teacher": teacher_manifest["fingerprint"], "filtered": filtered_manifest.get("fingerprint"),
                                **{f"students/{n}": m["fingerprint"] for n, m in students.items()}},
                         {"eval": config.eval.model_dump(mode="json"), "task": config.task.model_dump(mode="json")})
     if manifest := up_to_date(workdir, record):
@@ -74,9 +86,14 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
         _raise_if_failed(manifest["results"])
         return manifest
     t0 = time.perf_counter()
-    rows = [r for r in holdout_rows(config, workdir) if r["teacher"] is not None]
+    every = [r for r in holdout_rows(config, workdir) if r["teacher"] is not None]
+    rows = [r for r in every if r["reference"] or r["trusted"]]
+    untrusted = len(every) - len(rows)
     if not rows:
-        raise MissingInput("eval: no holdout prompt has a teacher answer")
+        raise MissingInput("eval: no holdout prompt has a reference or a teacher answer that passed the filters")
+    if untrusted:
+        echo(f"eval: {untrusted} of {len(every)} holdout prompts not scored: no reference, and the filters "
+             "rejected the teacher's answer (no trusted target)")
     judge = None
     if config.task.metric == "llm_judge":
         from distill_ray.eval.judge import LLMJudge
@@ -118,7 +135,7 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
                                   "teacher_answer": r.teacher, "confidence": r.confidence,
                                   "student_score": r.student_score, "teacher_score": r.teacher_score})
         echo(student_summary(results[name]))
-    report = {"holdout_rows": len(rows), "metric": config.task.metric, "bar": config.task.bar.model_dump(),
+    report = {"holdout_rows": len(rows), "holdout_rows_without_trusted_target": untrusted, "metric": config.task.metric, "bar": config.task.bar.model_dump(),
               "teacher": teacher_side, "students": results}
     if judge is not None:
         report["judge"] = {"teacher": judge.teacher.name, **judge.stats}

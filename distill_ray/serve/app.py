@@ -127,6 +127,18 @@ def parse_chat_request(raw: bytes, max_bytes: int) -> dict[str, Any]:
     return {**body, "messages": clean}
 
 
+def strip_few_shot(messages: list[dict[str, str]], few_shot: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation without the task's few-shot turns, where a client still sends them (as it
+    did to the teacher): the student was trained without them and answers from the message alone."""
+    n = len(few_shot)
+    if not n:
+        return messages
+    for start in range(len(messages) - n + 1):
+        if messages[start:start + n] == few_shot:
+            return messages[:start] + messages[start + n:]
+    return messages
+
+
 def completion_body(request_id: str, model: str, text: str, usage: dict[str, int], finish: str = "stop"
                     ) -> dict[str, Any]:
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -276,6 +288,8 @@ class Router:
         self._apply(*ray.get(self.control.get.remote()))  # a restarted replica resumes the live rollout
         self.poller: asyncio.Task | None = None
         self.salt = self.config.name
+        self.few_shot = [m for t in self.config.task.few_shot for m in ({"role": "user", "content": t.user},
+                                                                         {"role": "assistant", "content": t.assistant})]
         self.log = RequestLog(Workdir(self.config.workdir), batch_size=s.log_batch_size)
         self.metrics = _Metrics()
         self.stats = _Stats()
@@ -420,6 +434,7 @@ class Router:
         return {**teacher, "fallback_reason": reason}
 
     async def _student(self, messages, max_tokens: int, temperature: float) -> dict[str, Any]:
+        messages = strip_few_shot(messages, self.few_shot)
         start = time.perf_counter()
         budget_s = self.rollout.latency_budget_ms / 1000
         try:
@@ -489,10 +504,22 @@ class Router:
 
 
 def build_app(args: dict[str, Any]):
-    """The Serve application from `distill-ray serve`'s arguments (also the RayService import path):
-    {config: the pipeline config as JSON, student_uri, student_name, rollout: {...}, token_sha256}."""
+    """The Serve application (also the import path of a RayService / `serve deploy` config).
+
+    args: what `distill-ray serve` passes ({config: the pipeline config as a dict, student_uri,
+    student_name, rollout, token_sha256}), or, in a Serve config file, {config: a config path,
+    overrides: [...]}: the student is then picked as `distill-ray serve` would, and the bearer token's
+    hash computed from serve.auth_token_env on the node."""
     from distill_ray.config.schema import PipelineConfig
 
+    if isinstance(args.get("config"), str):
+        from distill_ray.config import load_config
+        from distill_ray.serve.step import app_args, pick_student
+        from distill_ray.storage import Workdir
+
+        loaded = load_config(args["config"], list(args.get("overrides") or []))
+        name, uri, result = pick_student(loaded, Workdir(loaded.workdir), loaded.serve.mode)
+        args = app_args(loaded, name, uri, result)
     config = PipelineConfig.model_validate(args["config"])
     s = config.serve
     if s.num_replicas == "auto":

@@ -59,7 +59,23 @@ def pick_student(config: PipelineConfig, workdir: Workdir, mode: str) -> tuple[s
     return name, workdir.uri_of("students", name, "best"), results.get(name)
 
 
-def app_args(config: PipelineConfig, student: str, uri: str) -> dict[str, Any]:
+def resolve_min_confidence(config: PipelineConfig, result: dict[str, Any] | None) -> float:
+    """serve.min_confidence as a number: 'recommended' is eval's threshold for this student (no
+    threshold needed: every answer served; none meets the bar: every answer falls back)."""
+    value = config.serve.min_confidence
+    if value != "recommended":
+        return float(value)
+    if not result:
+        raise ServeRefused("serve.min_confidence: 'recommended' needs this student's eval results (run `distill-ray eval`)")
+    threshold = result["threshold"]
+    if not threshold["meets_bar"]:
+        return 0.0
+    return -1e9 if threshold["min_confidence"] is None else float(threshold["min_confidence"])
+
+
+def app_args(config: PipelineConfig, student: str, uri: str, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = config.model_copy(update={"serve": config.serve.model_copy(
+        update={"min_confidence": resolve_min_confidence(config, result)})})
     s = config.serve
     token = os.environ.get(s.auth_token_env) if s.auth_token_env else None
     if s.auth_token_env and not token:
@@ -81,7 +97,7 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
     s = config.serve
     workdir = Workdir(config.workdir)
     name, uri, result = pick_student(config, workdir, s.mode)
-    args = app_args(config, name, uri)
+    args = app_args(config, name, uri, result)
     init_ray()
     serve.start(http_options={"host": s.host, "port": s.port})
     _reset_control()  # a fresh deployment starts from the config's rollout, not a previous run's
@@ -93,7 +109,8 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
                f"{'passed' if result['passed'] else 'FAILED'} eval") if result else ""
     echo(f"serve: {url} ready in {time.perf_counter() - t0:.0f}s: student '{name}'{quality}; mode {s.mode}"
          + (f" ({s.canary_percent:g}% of users)" if s.mode == "canary" else "")
-         + f"; fallback to teacher below confidence {s.min_confidence}; logs in {workdir.uri_of('serve', 'logs')}")
+         + f"; fallback to teacher below confidence {args['rollout']['min_confidence']:g}; logs in "
+           f"{workdir.uri_of('serve', 'logs')}")
     _record_rollout(workdir, args["rollout"], "serve", name)
     return {"url": url, "student": name, "checkpoint": uri, "rollout": args["rollout"]}
 

@@ -37,23 +37,32 @@ def student_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str,
 
 def load_examples(config: PipelineConfig, workdir: Workdir) -> dict[str, list[dict[str, Any]]]:
     """Kept answers by split: one example per prompt, from the first teacher (config order) that
-    has a kept answer for it (sample 0 first). Holdout rows are for evaluation only."""
+    has a kept answer for it (sample 0 first); with `train.prefer_references`, a training prompt's
+    reference replaces the teacher's answer (and brings back a prompt the filters dropped). Holdout
+    rows are for evaluation only and keep the teacher's answers."""
     table = workdir.read_table("filtered", "rows")
     order = {t.name: i for i, t in enumerate(config.teachers)}
+    gold = config.train.prefer_references
     best: dict[str, dict[str, Any]] = {}
     for row in table.to_pylist():
-        if not row["kept"]:
+        labelled = gold and row["split"] == "train" and row["reference"] is not None
+        if not row["kept"] and not labelled:
             continue
         rank = (order.get(row["teacher"], len(order)), row["sample"])
         if row["id"] not in best or rank < best[row["id"]]["_rank"]:
             best[row["id"]] = {**row, "_rank": rank}
     out: dict[str, list[dict[str, Any]]] = {"train": [], "holdout": []}
     for row in sorted(best.values(), key=lambda r: r["id"]):
-        out[row["split"]].append({
+        example = {
             "id": row["id"], "category": row["category"], "reference": row["reference"],
             "teacher": row["teacher"], "messages": student_messages(config.task, row["messages"]),
             "completion": row["completion"], "tokens": row.get("tokens"), "top_logprobs": row.get("top_logprobs"),
-        })
+            "target": "teacher",
+        }
+        if gold and row["split"] == "train" and row["reference"] is not None:
+            # The label, not the teacher: no teacher tokens to distil from (plain SFT on this row).
+            example.update({"completion": row["reference"], "tokens": None, "top_logprobs": None, "target": "reference"})
+        out[row["split"]].append(example)
     return out
 
 

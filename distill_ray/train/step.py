@@ -40,6 +40,10 @@ def run_train(config: PipelineConfig, echo: Callable[[str], None] = print) -> di
     if not filtered:
         raise MissingInput(f"no filtered set in {workdir.uri_of('filtered')}: run `distill-ray filter` first")
     examples = load_examples(config, workdir)
+    from_references = sum(1 for e in examples["train"] if e["target"] == "reference")
+    if from_references:
+        echo(f"train: {from_references} of {len(examples['train'])} training prompts use the log's reference "
+             "(train.prefer_references), the rest the teacher's kept answer")
     if not examples["train"]:
         raise TrainDataError(f"train: the filtered set in {workdir.uri_of('filtered')} keeps no training rows "
                              f"({filtered['counts'].get('dropped_by_reason')}); loosen `filters:` or fix the teacher")
@@ -65,6 +69,7 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
     if manifest := up_to_date(workdir, record):
         echo(f"train[{student.name}]: up to date ({workdir.uri_of(step, 'best')}); nothing to do")
         return manifest
+    _start_or_resume(workdir, student.name, record.fingerprint, echo)
     t0 = time.perf_counter()
     try:
         init = prepare_student(student, workdir, echo)
@@ -187,6 +192,26 @@ def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[s
                          f"checkpoint is kept under {workdir.uri_of('students', student.name, 'ray')}: run "
                          "`distill-ray train` again to resume from it.") from error
     return dict(result.metrics or {})
+
+
+def _start_or_resume(workdir: Workdir, name: str, fingerprint: str, echo: Callable[[str], None]) -> None:
+    """A run interrupted under the same settings and data resumes from its checkpoint; after a change
+    (data, student, `train:`), the old checkpoints, exports and metrics are cleared: a checkpoint
+    trained under other settings must not pass for this run's."""
+    import json
+
+    stamp = ("students", name, "run.json")
+    if workdir.exists(*stamp):
+        previous = json.loads(workdir.read_bytes(*stamp)).get("fingerprint")
+        if previous != fingerprint:
+            echo(f"train[{name}]: the data or settings changed since the last run: starting over")
+            for part in ("ray", "best", "last", "metrics.jsonl", "manifest.json"):
+                workdir.remove("students", name, part)
+    elif workdir.exists("students", name, "ray"):
+        echo(f"train[{name}]: checkpoints of a run with unknown settings: starting over")
+        for part in ("ray", "best", "last", "metrics.jsonl", "manifest.json"):
+            workdir.remove("students", name, part)
+    workdir.write_json({"fingerprint": fingerprint}, *stamp)
 
 
 def _loop_metric(config: PipelineConfig) -> str:

@@ -112,6 +112,10 @@ def test_two_workers_zero2_layer_dropped_student(filtered, student_folder, tmp_p
     assert main(["train", str(path)]) == 0
     assert "up to date" in capsys.readouterr().out
     assert len(_metrics(workdir)) == len(history)
+    # Changed settings: a new run from the start, not a resume from the old run's checkpoint.
+    assert main(["train", str(path), "-o", "train.max_steps=2", "-o", "train.eval_every_steps=2"]) == 0
+    assert "changed since the last run: starting over" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(workdir)] == [2]
 
 
 def _train_workers() -> set[str]:

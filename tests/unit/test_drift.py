@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from distill_ray.config import load_config
 from distill_ray.drift import compare, psi
 
@@ -40,3 +42,17 @@ def test_shifted_traffic_is_drift_with_a_reason_per_check():
 def test_little_traffic_is_not_a_verdict():
     assert compare(TRAIN, [_served("shipping", "where is my order")] * 5, load_config(None, []))["verdict"] == \
         "not_enough_traffic"
+
+
+def test_serve_logs_are_a_prompt_source_for_the_next_distillation():
+    """The flywheel: a line of serve/logs/ parses as a prompt row with its category."""
+    from distill_ray.config.schema import Prompts
+    from distill_ray.prompts.read import RowParser
+
+    line = {"request_id": "r1", "user": "u", "category": "refund", "mode": "shadow", "served_by": "teacher",
+            "prompt": [{"role": "user", "content": "Please refund ORD-123456"}], "answer": "ORD-123456"}
+    cfg = Prompts(source="runs/x/serve/logs/", messages_field="prompt", text_field=None, category_field="category",
+                  reference_field=None)
+    row = RowParser(cfg).parse(line, 0, "requests-1.jsonl")
+    assert row["error"] is None and row["category"] == "refund"
+    assert json.loads(row["messages"]) == line["prompt"]

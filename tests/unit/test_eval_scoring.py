@@ -58,3 +58,27 @@ def test_gate_names_the_failing_items_and_slices():
     assert items["min_slice_relative_quality[refund]"]["passed"] is False
     assert items["min_slice_relative_quality[shipping]"]["passed"] is True
     assert percentile([5, 1, 3, 2, 4], 95) == 5 and percentile([5, 1, 3, 2, 4], 50) == 3
+
+
+def test_holdout_rows_trust_only_teacher_answers_the_filters_kept(tmp_path):
+    import pyarrow as pa
+
+    from distill_ray.config import load_config
+    from distill_ray.eval.step import holdout_rows
+    from distill_ray.manifest import StepRecord, write_manifest
+    from distill_ray.storage import Workdir
+    from distill_ray.teacher.generate import ANSWER_SCHEMA
+
+    def answer(i, completion, reference=None):
+        return {"id": f"p{i}", "split": "holdout", "category": "c", "reference": reference, "teacher": "smollm2",
+                "model": "m", "sample": 0, "messages": [{"role": "user", "content": f"m{i}"}], "completion": completion,
+                "cost_usd": 0.0, "latency_s": 0.1, "error": None}
+
+    work = Workdir(str(tmp_path / "run"))
+    answers = [answer(0, "ORD-1"), answer(1, "ORD-268193"), answer(2, "ORD-268193", reference="NONE")]
+    work.write_table(pa.Table.from_pylist(answers, schema=ANSWER_SCHEMA), "teacher", "answers")
+    config = load_config(None, [f"workdir={work.uri}"])
+    assert [r["trusted"] for r in holdout_rows(config, work)] == [True, True, True]  # no filter step: all
+    work.write_table(pa.Table.from_pylist([{**a, "kept": a["id"] == "p0"} for a in answers]), "filtered", "rows")
+    write_manifest(work, StepRecord("filtered", {}, {}))
+    assert [(r["id"], r["trusted"]) for r in holdout_rows(config, work)] == [("p0", True), ("p1", False), ("p2", False)]

@@ -31,3 +31,14 @@ def test_modes_and_fallback_reasons():
     assert fallback_reason(r, error="boom", confidence=None, latency_ms=None) == "student_error"
     with pytest.raises(ValueError, match="canary_percent"):
         Rollout(mode="canary", canary_percent=120)
+
+
+def test_the_student_gets_the_conversation_without_the_few_shot_turns():
+    from distill_ray.serve.app import strip_few_shot
+
+    shots = [{"role": "user", "content": "Where is ORD-1?"}, {"role": "assistant", "content": "ORD-1"}]
+    system = {"role": "system", "content": "Extract the order number."}
+    ask = {"role": "user", "content": "Refund ORD-512874 please"}
+    assert strip_few_shot([system, *shots, ask], shots) == [system, ask]
+    assert strip_few_shot([system, ask], shots) == [system, ask]  # a client that sends none
+    assert strip_few_shot([system, shots[0], ask], shots) == [system, shots[0], ask]  # only the whole block goes

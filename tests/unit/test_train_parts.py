@@ -117,3 +117,28 @@ def test_deepspeed_configs_from_stage_or_preset(tmp_path):
     assert load_preset(DeepSpeed(preset=str(own)))["zero_optimization"]["stage"] == 1
     with pytest.raises(ValueError, match="train.deepspeed.preset"):
         load_preset(DeepSpeed(preset="zero9"))
+
+
+def test_prefer_references_trains_on_labels_and_brings_back_dropped_rows(tmp_path):
+    import pyarrow as pa
+
+    from distill_ray.config import load_config
+    from distill_ray.storage import Workdir
+    from distill_ray.train.data import load_examples
+
+    def row(i, completion, kept, reference=None, split="train"):
+        return {"id": f"p{i}", "split": split, "category": "c", "reference": reference, "teacher": "smollm2",
+                "sample": 0, "messages": [{"role": "user", "content": f"m{i}"}], "completion": completion,
+                "tokens": ["x"], "top_logprobs": "[]", "kept": kept, "drop_reason": None if kept else "grounded: x"}
+
+    work = Workdir(str(tmp_path / "run"))
+    work.write_table(pa.Table.from_pylist([
+        row(0, "ORD-1", True), row(1, "ORD-268193", False, reference="NONE"), row(2, "ORD-9", True, reference="ORD-2"),
+        row(3, "ORD-268193", False), row(4, "ORD-4", False, reference="ORD-4", split="holdout")]), "filtered", "rows")
+    plain = load_examples(load_config(None, [f"workdir={work.uri}"]), work)
+    assert [(e["id"], e["completion"]) for e in plain["train"]] == [("p0", "ORD-1"), ("p2", "ORD-9")]
+    gold = load_examples(load_config(None, [f"workdir={work.uri}", "train.prefer_references=true"]), work)
+    assert [(e["id"], e["completion"], e["target"]) for e in gold["train"]] == [
+        ("p0", "ORD-1", "teacher"), ("p1", "NONE", "reference"), ("p2", "ORD-2", "reference")]
+    assert gold["train"][1]["tokens"] is None  # no teacher tokens to distil from: plain SFT
+    assert gold["holdout"] == plain["holdout"] == []  # holdout rows are never trained on, and p4 was dropped

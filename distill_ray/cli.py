@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
          f"distill-ray train {EXAMPLE} -o train.max_steps=20")
     verb("eval", cmd_step, "step 6: each student against the teacher on the holdout, per slice; gate on task.bar",
          f"distill-ray eval {EXAMPLE}")
+    verb("replay", cmd_step, "step 7 with traffic: serve the student, replay the held-out prompts in shadow "
+         "mode then canary, remove the app", f"distill-ray replay {EXAMPLE}")
     serve = verb("serve", cmd_serve, "step 7: the student behind the safety net on Ray Serve (OpenAI-compatible)",
                  f"distill-ray serve {EXAMPLE}   # then: distill-ray serve {EXAMPLE} --stats")
     serve.add_argument("--detach", action="store_true", help="deploy and return; the app keeps running on the cluster")

@@ -51,6 +51,8 @@ def summary(config: PipelineConfig) -> str | None:
                      f"{fallback:>9.1%} {'PASS' if r['passed'] else 'FAIL':>5}")
         if not r["passed"]:
             lines.append(f"{'':<22}   fails: {', '.join(r['failed'])}")
+    lines.append("(the teacher's p95 is its latency during generate's bulk calls, queueing included; its cost is "
+                 "from usage x prices)")
     replay = _read(workdir, "serve", "replay.json")
     if replay:
         for phase, p in replay["phases"].items():

@@ -1,4 +1,4 @@
-"""Ray job entry point for the `replay` step of `distill-ray run` (step 7 with traffic).
+"""Ray job entry point for `distill-ray replay` (step 7 with traffic; a step of `distill-ray run`).
 
     distill-ray submit jobs/configs/support_orders.yaml --steps replay --follow
     python jobs/replay.py jobs/configs/support_orders.yaml   # locally, with a local Ray
@@ -12,4 +12,4 @@ import sys
 from distill_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:], "--steps", "replay"]))
+    sys.exit(main(["replay", *sys.argv[1:]]))

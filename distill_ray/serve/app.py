@@ -379,8 +379,10 @@ class Router:
         rollout = self.rollout
         record: dict[str, Any] = {"request_id": request_id, "time": time.time(), "user": user or None,
                                   "category": category, "mode": rollout.mode,
-                                  # the conversation without system turns: what `prompts.source` reads back
-                                  "prompt": [m for m in body["messages"] if m["role"] != "system"]}
+                                  # the conversation without system and few-shot turns: what the student
+                                  # answers, what drift compares and what `prompts.source` reads back
+                                  "prompt": [m for m in strip_few_shot(body["messages"], self.few_shot)
+                                             if m["role"] != "system"]}
         answer = await self._answer(body, rollout, user or request_id, category, max_tokens, temperature, record)
         latency_ms = (time.perf_counter() - t0) * 1000
         who = answer["served_by"]

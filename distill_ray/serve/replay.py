@@ -30,7 +30,7 @@ from distill_ray.teacher.errors import MissingInput
 from distill_ray.teacher.generate import teacher_messages
 
 STEP = "serve"
-CONCURRENCY = 8
+CONCURRENCY = 4  # clients at once: a steady stream, not a load test
 
 
 def run_replay(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -335,6 +335,8 @@ class Router:
                 return JSONResponse(self._stats_body())
             if path.endswith("/v1/chat/completions") and method == "POST":
                 return await self._chat(request)
+            if path.endswith("/v1/distill/rollout") and method == "POST":
+                return JSONResponse(await self._set_rollout(await request.body()))
             raise RequestError(404, f"no route {method} {request.url.path}", code="not_found")
         except RequestError as err:
             self.stats.errors[str(err.status)] += 1
@@ -355,6 +357,19 @@ class Router:
         return {"object": "list", "data": [
             {"id": self.student_name, "object": "model", "created": now, "owned_by": "distill-ray"},
             {"id": self.teacher.model, "object": "model", "created": now, "owned_by": f"teacher:{self.teacher.name}"}]}
+
+    async def _set_rollout(self, raw: bytes) -> dict[str, Any]:
+        """`distill-ray rollout` lands here: the new rollout for every router replica (the control actor)."""
+        try:
+            changes = json.loads(raw)
+            if not isinstance(changes, dict) or set(changes) - {"mode", "canary_percent", "min_confidence"}:
+                raise ValueError("send a JSON object with mode, canary_percent and/or min_confidence")
+            wanted = Rollout(**{**vars(self.rollout), **changes})
+        except (ValueError, TypeError) as exc:
+            raise RequestError(400, f"rollout: {exc}") from None
+        previous = vars(self.rollout)
+        self._apply(await self.control.set.remote(vars(wanted)), vars(wanted))
+        return {"rollout": vars(self.rollout), "previous": previous}
 
     def _stats_body(self) -> dict[str, Any]:
         return {"student": self.student_name, "teacher": self.teacher.name,

@@ -149,23 +149,19 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Change the live app's rollout in place (no restart); `--percent 0` is the instant rollback.
 
-    Sets the app's RolloutControl actor, which every router replica polls, then waits until the
-    app reports the new rollout."""
-    import ray
-
-    from distill_ray.ray_env import init_ray
-    from distill_ray.serve.app import control_actor
+    Sent to the app over HTTP (`POST /v1/distill/rollout`, with the serve token), which sets the
+    rollout control actor every router replica polls; then waits until the app reports it."""
     from distill_ray.serve.policy import Rollout
 
     workdir = Workdir(config.workdir)
-    init_ray()
-    control = control_actor()
-    if control is None:
-        raise ServeRefused(f"no '{APP_NAME}' app on this Ray cluster: start it with `distill-ray serve`")
-    _, current = ray.get(control.get.remote())
-    wanted = {**current, **{k: v for k, v in (("mode", mode), ("canary_percent", percent),
-                                              ("min_confidence", min_confidence)) if v is not None}}
-    Rollout(**wanted)  # validates before anything changes
+    current = fetch_stats(config)["rollout"]
+    changes = {k: v for k, v in (("mode", mode), ("canary_percent", percent), ("min_confidence", min_confidence))
+               if v is not None}
+    wanted = {**current, **changes}
+    try:
+        Rollout(**wanted)  # validates before anything changes
+    except ValueError as exc:
+        raise ServeRefused(f"rollout: {exc}") from None
     student, _ = _deployed_student(workdir)
     if wanted["mode"] != "shadow" and not config.serve.student:
         results = json.loads(workdir.read_bytes("eval", "metrics.json"))["students"] if workdir.exists(
@@ -173,12 +169,28 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
         if not results.get(student, {}).get("passed"):
             raise ServeRefused(f"student '{student}' did not pass eval, so it may not answer clients in {wanted['mode']} "
                                "mode; name serve.student to override")
-    ray.get(control.set.remote(wanted))
+    _post(config, "/v1/distill/rollout", changes)
     _record_rollout(workdir, wanted, "rollout", student)
     _wait_for_rollout(config, wanted)
     echo(f"rollout: mode {wanted['mode']}, canary {wanted['canary_percent']:g}%, min_confidence "
-         f"{wanted['min_confidence']} (was mode {current['mode']}, canary {current['canary_percent']:g}%)")
+         f"{wanted['min_confidence']:g} (was mode {current['mode']}, canary {current['canary_percent']:g}%)")
     return wanted
+
+
+def _post(config: PipelineConfig, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    s = config.serve
+    request = urllib.request.Request(f"http://{s.host}:{s.port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    token = os.environ.get(s.auth_token_env) if s.auth_token_env else None
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        raise StepFailed(f"HTTP {err.code} from {request.full_url}: {err.read()[:300]!r}") from None
+    except OSError as err:
+        raise StepFailed(f"nothing answers at {request.full_url} ({err}); is `distill-ray serve` running?") from None
 
 
 def _wait_for_rollout(config: PipelineConfig, wanted: dict[str, Any], timeout_s: float = 10) -> None:

@@ -173,6 +173,10 @@ def test_canary_is_sticky_25_percent_and_zero_is_the_rollback(app):
         path = {r["user"]: r["served_by"] for r in first}
         again = asyncio.run(_send(app["url"], users[:200]))
         assert all(path[r["user"]] == r["served_by"] for r in again)  # each user always on one path
+        from distill_ray.serve.step import ServeRefused
+
+        with pytest.raises(ServeRefused, match="canary_percent"):
+            _rollout(app, percent=120)  # refused before anything changes
         _rollout(app, percent=0)  # the instant rollback, on the live replicas
         back = asyncio.run(_send(app["url"], users[:200]))
         assert all(r["served_by"] == "teacher" for r in back)

@@ -169,7 +169,7 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
         if not results.get(student, {}).get("passed"):
             raise ServeRefused(f"student '{student}' did not pass eval, so it may not answer clients in {wanted['mode']} "
                                "mode; name serve.student to override")
-    _post(config, "/v1/distill/rollout", changes)
+    _call(config, "/v1/distill/rollout", changes)
     _record_rollout(workdir, wanted, "rollout", student)
     _wait_for_rollout(config, wanted)
     echo(f"rollout: mode {wanted['mode']}, canary {wanted['canary_percent']:g}%, min_confidence "
@@ -177,10 +177,12 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
     return wanted
 
 
-def _post(config: PipelineConfig, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def _call(config: PipelineConfig, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET (or, with a body, POST) one of the app's JSON endpoints with the serve token."""
     s = config.serve
-    request = urllib.request.Request(f"http://{s.host}:{s.port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{s.host}:{s.port}{path}", data=data,
+                                     headers={"Content-Type": "application/json"} if data else {})
     token = os.environ.get(s.auth_token_env) if s.auth_token_env else None
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -220,18 +222,7 @@ def _reset_control() -> None:
 
 
 def fetch_stats(config: PipelineConfig) -> dict[str, Any]:
-    s = config.serve
-    request = urllib.request.Request(f"http://{s.host}:{s.port}/v1/distill/stats")
-    token = os.environ.get(s.auth_token_env) if s.auth_token_env else None
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        raise StepFailed(f"serve --stats: HTTP {err.code} from {request.full_url}: {err.read()[:200]!r}") from None
-    except OSError as err:
-        raise StepFailed(f"serve --stats: nothing answers at {request.full_url} ({err}); is `distill-ray serve` running?") from None
+    return _call(config, "/v1/distill/stats")
 
 
 def format_stats(stats: dict[str, Any]) -> str:

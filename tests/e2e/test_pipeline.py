@@ -1,6 +1,6 @@
 """The main job end to end, smaller: `distill-ray run` on the bundled example with the real offline
 teacher (SmolLM2, launched and stopped by the run), 120 prompts, two small layer-dropped students
-for a few steps, eval, the serve replay (shadow, then canary) and drift. Slow: about 10 minutes.
+for a few steps, eval, the serve replay (shadow, then canary) and drift. Slow: about 6 minutes.
 
     scripts/test.sh -m slow tests/e2e
 """

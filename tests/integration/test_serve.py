@@ -14,14 +14,13 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill_ray.config import load_config
 from distill_ray.manifest import StepRecord, write_manifest
 from distill_ray.serve.logs import read_logs
 from distill_ray.storage import Workdir
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, answer_order_number
-from tests.integration.test_offline_teacher import tiny_tokenizer
+from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 TOKEN_ENV = "DISTILL_TEST_SERVE_TOKEN"
@@ -36,16 +35,10 @@ def _free_port() -> int:
 
 def _student(workdir: Path) -> None:
     """A finished (tiny, untrained) student in the workdir, as `distill-ray train` leaves it."""
-    import torch
-
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id)
+    model = tiny_model(len(tokenizer), tokenizer.eos_token_id)
     best = workdir / "students" / "mini" / "best"
-    LlamaForCausalLM(config).save_pretrained(best)
+    model.save_pretrained(best)
     tokenizer.save_pretrained(best)
     write_manifest(Workdir(str(workdir)), StepRecord("students/mini", {}, {}))
 

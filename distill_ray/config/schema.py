@@ -368,6 +368,10 @@ class Serve(Strict):
         -0.3, description="Student answers below this mean token logprob fall back to the teacher; 'recommended': the "
         "threshold eval recommends for the served student (the least fallback that keeps the bar).")
     latency_budget_ms: float = Field(2000, gt=0, description="Student answers slower than this fall back.")
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive student errors or timeouts after which the router stops calling the student "
+        "for breaker_cooldown_s (fallback reason 'student_unavailable'), then tries one request again.")
+    breaker_cooldown_s: float = Field(5.0, gt=0)
     student: str | None = Field(None, description="Student name to serve; default: the best that passed eval.")
     teacher: str | None = Field(None, description="Teacher name to fall back to; default: the first.")
     host: str = "127.0.0.1"

@@ -32,7 +32,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from distill_ray.serve.policy import Rollout, fallback_reason, student_answers
+from distill_ray.serve.policy import Breaker, Rollout, fallback_reason, student_answers
 
 APP_NAME = "distill"
 CONTROL_NAME = f"{APP_NAME}-rollout"
@@ -283,6 +283,7 @@ class Router:
         self.agreement = metric(name, self.config.task.metric_pattern)
         self.rollout = Rollout(mode=s.mode, canary_percent=s.canary_percent, min_confidence=s.min_confidence,
                                latency_budget_ms=s.latency_budget_ms)
+        self.breaker = Breaker(s.breaker_failures, s.breaker_cooldown_s)
         self.control = control_actor(vars(self.rollout))
         self.control_version = -1
         self._apply(*ray.get(self.control.get.remote()))  # a restarted replica resumes the live rollout
@@ -372,8 +373,9 @@ class Router:
         return {"rollout": vars(self.rollout), "previous": previous}
 
     def _stats_body(self) -> dict[str, Any]:
-        return {"student": self.student_name, "teacher": self.teacher.name,
-                "rollout": vars(self.rollout), "log_lines_written": self.log.written, **self.stats.snapshot()}
+        return {"student": self.student_name, "teacher": self.teacher.name, "rollout": vars(self.rollout),
+                "student_breaker": {"state": self.breaker.state, "opened": self.breaker.opened},
+                "log_lines_written": self.log.written, **self.stats.snapshot()}
 
     async def _chat(self, request):
         from starlette.responses import JSONResponse, StreamingResponse
@@ -384,7 +386,9 @@ class Router:
         if declared and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"request body is {declared} bytes; the limit is {limit} (serve.max_request_bytes)",
                                code="request_too_large")
-        body = parse_chat_request(await request.body(), limit)
+        raw = await request.body()  # Serve fetches the body from its HTTP proxy: a wait, not our work
+        body_ms = (time.perf_counter() - t0) * 1000
+        body = parse_chat_request(raw, limit)
         request_id = uuid.uuid4().hex[:24]
         user = str(body.get("user") or request.headers.get("x-user-id") or "")
         metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
@@ -401,8 +405,10 @@ class Router:
         answer = await self._answer(body, rollout, user or request_id, category, max_tokens, temperature, record)
         latency_ms = (time.perf_counter() - t0) * 1000
         who = answer["served_by"]
+        # the router's own work: its time minus its waits (the body, the student, the teacher)
+        router_ms = latency_ms - body_ms - answer["waited_ms"]
         record.update({"served_by": who, "fallback_reason": answer.get("fallback_reason"), "latency_ms": round(latency_ms, 2),
-                       "answer": answer["text"]})
+                       "router_ms": round(router_ms, 3), "answer": answer["text"]})
         self.stats.served_by[who] += 1
         self.stats.latency[who].append(latency_ms)
         self.metrics.requests.inc(tags={"served_by": who, "mode": rollout.mode})
@@ -424,22 +430,27 @@ class Router:
         messages = body["messages"]
         if rollout.mode == "shadow":
             teacher = await self._teacher(messages, max_tokens, temperature, body)
+            record["teacher_latency_ms"] = teacher["latency_ms"]
             task = asyncio.get_running_loop().create_task(
                 self._shadow(messages, max_tokens, temperature, category, teacher["text"], record))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
-            return teacher
+            return {**teacher, "waited_ms": teacher["latency_ms"]}
         if not student_answers(rollout, user_key, self.salt):
-            return await self._teacher(messages, max_tokens, temperature, body)
-        student = await self._student(messages, max_tokens, temperature)
+            teacher = await self._teacher(messages, max_tokens, temperature, body)
+            record["teacher_latency_ms"] = teacher["latency_ms"]
+            return {**teacher, "waited_ms": teacher["latency_ms"]}
+        # past the latency budget the answer could not be served anyway: stop waiting there
+        student = await self._student(messages, max_tokens, temperature, timeout_s=rollout.latency_budget_ms / 1000)
         record.update({"student_confidence": student.get("confidence"), "student_latency_ms": student.get("latency_ms"),
                        "student_error": student.get("error")})
         if student.get("confidence") is not None:
             self.metrics.confidence.observe(-student["confidence"])
         reason = fallback_reason(rollout, error=student.get("error"), confidence=student.get("confidence"),
-                                 latency_ms=student.get("latency_ms"))
+                                 latency_ms=student.get("latency_ms"), timed_out=student.get("timed_out", False),
+                                 unavailable=student.get("unavailable", False))
         if reason is None:
-            return student
+            return {**student, "waited_ms": student["latency_ms"]}
         self.stats.fallbacks[reason] += 1
         self.metrics.fallbacks.inc(tags={"reason": reason})
         record["student_answer"] = student.get("text")
@@ -448,18 +459,23 @@ class Router:
         except RequestError as err:
             raise RequestError(502, f"the student could not be served ({reason}: {student.get('error') or 'see x-fallback-reason'}) "
                                f"and the teacher failed too: {err.message}", type_="api_error", code="upstream_failed") from None
-        return {**teacher, "fallback_reason": reason}
+        record["teacher_latency_ms"] = teacher["latency_ms"]
+        return {**teacher, "fallback_reason": reason, "waited_ms": student["latency_ms"] + teacher["latency_ms"]}
 
-    async def _student(self, messages, max_tokens: int, temperature: float) -> dict[str, Any]:
+    async def _student(self, messages, max_tokens: int, temperature: float, timeout_s: float) -> dict[str, Any]:
+        if not self.breaker.allow():  # the student keeps failing: do not make this request wait for it
+            return {"error": None, "unavailable": True, "latency_ms": 0.0}
         messages = strip_few_shot(messages, self.few_shot)
         start = time.perf_counter()
-        budget_s = self.rollout.latency_budget_ms / 1000
         try:
-            out = await asyncio.wait_for(self.student.generate.remote(messages, max_tokens, temperature), budget_s * 2)
+            out = await asyncio.wait_for(self.student.generate.remote(messages, max_tokens, temperature), timeout_s)
         except TimeoutError:
-            return {"error": "timed out", "latency_ms": (time.perf_counter() - start) * 1000}
+            self.breaker.record(ok=False)
+            return {"error": None, "timed_out": True, "latency_ms": (time.perf_counter() - start) * 1000}
         except Exception as exc:  # noqa: BLE001 - a dead or failing replica: the teacher answers instead
+            self.breaker.record(ok=False)
             return {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "latency_ms": (time.perf_counter() - start) * 1000}
+        self.breaker.record(ok=True)
         return {**out, "served_by": "student", "latency_ms": (time.perf_counter() - start) * 1000,
                 "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                           "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}}
@@ -476,6 +492,7 @@ class Router:
         headers = {"authorization": f"Bearer {self.teacher_key}"} if self.teacher_key else {}
         url = self.teacher.base_url.rstrip("/") + "/chat/completions"
         last = "no attempt"
+        start = time.perf_counter()
         for attempt in range(3):
             try:
                 async with self.session.post(url, json=payload, headers=headers) as resp:
@@ -485,6 +502,7 @@ class Router:
                         choice = data["choices"][0]
                         usage = data.get("usage") or {}
                         return {"served_by": "teacher", "text": choice["message"].get("content") or "",
+                                "latency_ms": (time.perf_counter() - start) * 1000,
                                 "finish_reason": choice.get("finish_reason") or "stop",
                                 "usage": {"prompt_tokens": usage.get("prompt_tokens", 0),
                                           "completion_tokens": usage.get("completion_tokens", 0),
@@ -499,7 +517,13 @@ class Router:
 
     async def _shadow(self, messages, max_tokens: int, temperature: float, category: str, teacher_text: str,
                       record: dict[str, Any]) -> None:
-        student = await self._student(messages, max_tokens, temperature)
+        # in the background: a slow student still gets compared, up to a few budgets
+        student = await self._student(messages, max_tokens, temperature,
+                                      timeout_s=4 * self.rollout.latency_budget_ms / 1000)
+        if student.get("timed_out"):
+            student["error"] = f"no answer within {student['latency_ms']:.0f} ms"
+        elif student.get("unavailable"):
+            student["error"] = "not called: the student kept failing (circuit breaker open)"
         agree = None
         if student.get("error") is None:
             agree = float(self.agreement(student["text"], teacher_text))

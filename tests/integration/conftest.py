@@ -19,6 +19,8 @@ import ray
 os.environ.setdefault("DISTILL_TEST_TEACHER_KEY", "sk-test-" + secrets.token_hex(12))
 # Ray Train's controller polls its workers this often; the 2 s default makes every report slow.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Workers push their metrics to the node's Prometheus endpoint every 10 s by default: 1 s in tests.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 def _free_port() -> int:

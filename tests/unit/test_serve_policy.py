@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill_ray.serve.policy import Rollout, fallback_reason, student_answers
+from distill_ray.serve.policy import Breaker, Rollout, fallback_reason, student_answers
 
 
 def test_canary_25_percent_of_1000_users_is_sticky():
@@ -29,6 +29,7 @@ def test_modes_and_fallback_reasons():
     assert fallback_reason(r, error=None, confidence=-0.5, latency_ms=100) == "low_confidence"
     assert fallback_reason(r, error=None, confidence=-0.1, latency_ms=900) == "latency_budget"
     assert fallback_reason(r, error="boom", confidence=None, latency_ms=None) == "student_error"
+    assert fallback_reason(r, error=None, confidence=None, latency_ms=500, timed_out=True) == "latency_budget"
     with pytest.raises(ValueError, match="canary_percent"):
         Rollout(mode="canary", canary_percent=120)
 
@@ -42,3 +43,25 @@ def test_the_student_gets_the_conversation_without_the_few_shot_turns():
     assert strip_few_shot([system, *shots, ask], shots) == [system, ask]
     assert strip_few_shot([system, ask], shots) == [system, ask]  # a client that sends none
     assert strip_few_shot([system, shots[0], ask], shots) == [system, shots[0], ask]  # only the whole block goes
+
+
+def test_breaker_opens_after_consecutive_failures_and_retries_one_request_after_the_cooldown():
+    now = [0.0]
+    breaker = Breaker(failures=3, cooldown_s=5, clock=lambda: now[0])
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record(ok=False)
+    breaker.record(ok=True)  # a success in between resets the count
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.record(ok=False)
+    assert breaker.state == "open" and not breaker.allow() and breaker.opened == 1
+    now[0] = 5.1
+    assert breaker.state == "half_open"
+    assert breaker.allow() and not breaker.allow()  # one trial at a time
+    breaker.record(ok=False)  # the trial failed: open again, no wait for `failures` more
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 10.3
+    assert breaker.allow()
+    breaker.record(ok=True)
+    assert breaker.state == "closed" and breaker.allow() and breaker.allow()

@@ -231,6 +231,9 @@ def format_stats(stats: dict[str, Any]) -> str:
              f"min_confidence {r['min_confidence']}",
              f"requests {stats['requests']}: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["served_by"].items()))
              + f"; fallbacks {stats['fallbacks'] or 0} (rate {stats['fallback_rate']}); errors {stats['errors'] or 0}"]
+    breaker = stats.get("student_breaker") or {}
+    if breaker.get("state", "closed") != "closed" or breaker.get("opened"):
+        lines.append(f"student circuit breaker: {breaker['state']} (opened {breaker['opened']} times)")
     for who, lat in sorted(stats["latency"].items()):
         lines.append(f"latency {who}: p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms "
                      f"({lat['count']} requests)")

@@ -206,7 +206,7 @@ def test_unsure_or_dead_student_falls_back_to_the_teacher(app):
     import ray
     from ray.util.state import list_actors
 
-    from distill_ray.serve.step import fetch_stats
+    from distill_ray.serve.step import fetch_stats, format_stats
 
     _rollout(app, mode="full", min_confidence=0.0)  # no answer is that sure: every one falls back
     try:
@@ -235,6 +235,7 @@ def test_unsure_or_dead_student_falls_back_to_the_teacher(app):
         assert reasons["student_unavailable"] > 0, reasons  # the breaker spared those requests the wait
         stats = fetch_stats(app["config"])
         assert stats["student_breaker"]["opened"] >= 1
+        assert "student circuit breaker: " in format_stats(stats)  # what `distill-ray serve --stats` prints
         for reason, count in reasons.items():
             assert stats["fallbacks"][reason] - before.get(reason, 0) == count, (reason, stats["fallbacks"])
             # ... and in Ray's Prometheus export, as the dashboard reads them

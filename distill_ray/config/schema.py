@@ -382,6 +382,10 @@ class Serve(Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     log_batch_size: int = Field(64, ge=1, description="Request log lines written per batch.")
+    replay_requests: int | None = Field(
+        None, ge=1, description="`distill-ray replay` (and the run's replay step): held-out prompts sent per phase, "
+        "a fixed sample that keeps the holdout's mix; null: all of them.")
+    replay_concurrency: int = Field(8, ge=1, le=256, description="Clients at once during the replay.")
 
 
 class Drift(Strict):

@@ -30,7 +30,6 @@ from distill_ray.teacher.errors import MissingInput
 from distill_ray.teacher.generate import teacher_messages
 
 STEP = "serve"
-CONCURRENCY = 4  # clients at once: a steady stream, not a load test
 
 
 def run_replay(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -53,7 +52,7 @@ def run_replay(config: PipelineConfig, echo: Callable[[str], None] = print) -> d
     if env and not os.environ.get(env):
         os.environ[env] = secrets.token_urlsafe(24)  # this run's own token, known to this process only
         echo(f"replay: {env} is not set; using a random bearer token for this run")
-    prompts = workdir.read_table("prompts", "holdout").to_pylist()
+    prompts = replay_sample(workdir.read_table("prompts", "holdout").to_pylist(), config.serve.replay_requests)
     references = _targets(workdir, config)
     shadow_config = config.model_copy(update={"serve": config.serve.model_copy(update={"mode": "shadow"})})
     t0 = time.perf_counter()
@@ -83,6 +82,14 @@ def run_replay(config: PipelineConfig, echo: Callable[[str], None] = print) -> d
     return manifest
 
 
+def replay_sample(prompts: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """`n` of the held-out prompts, the same ones every run (by a hash of their id), so the sample
+    keeps the holdout's category mix in expectation; all of them when n is None."""
+    if n is None or n >= len(prompts):
+        return prompts
+    return sorted(prompts, key=lambda p: hashlib.sha256(p["id"].encode()).hexdigest())[:n]
+
+
 def _targets(workdir: Workdir, config: PipelineConfig) -> dict[str, str]:
     """Per holdout prompt: its reference, else the first teacher's holdout answer."""
     teacher = config.teachers[0].name
@@ -105,7 +112,7 @@ def _replay(config: PipelineConfig, url: str, prompts: list[dict[str, Any]], tar
 
     async def main() -> list[dict[str, Any]]:
         client = openai.AsyncOpenAI(base_url=url, api_key=token or "none", max_retries=0, timeout=120)
-        gate = asyncio.Semaphore(CONCURRENCY)
+        gate = asyncio.Semaphore(config.serve.replay_concurrency)
 
         async def one(prompt: dict[str, Any]) -> dict[str, Any]:
             user = "user-" + hashlib.sha256(prompt["id"].encode()).hexdigest()[:12]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -164,12 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"distill-ray {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, func: Callable[[argparse.Namespace], int], help_text: str, example: str) -> argparse.ArgumentParser:
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help_text: str, example: str,
+             ray_address: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", help="pipeline config (YAML), e.g. " + EXAMPLE)
         p.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a config key (repeatable), e.g. -o prompts.size=500")
+        if ray_address:
+            p.add_argument("--address", dest="ray_address", default=None, metavar="HOST:PORT",
+                           help="run the Ray work on this cluster (its GCS address, or 'auto'); default: "
+                           "$RAY_ADDRESS, else a local Ray started for the command")
         p.set_defaults(func=func)
         return p
 
@@ -229,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         # `ray job stop`, Kubernetes and Ctrl-C all end a step cleanly: what it started is stopped.
         signal.signal(signal.SIGTERM, _terminated)
+    if getattr(args, "ray_address", None):
+        os.environ["RAY_ADDRESS"] = args.ray_address  # what init_ray (and any Ray job it submits) connects to
     try:
         return args.func(args)
     except ConfigError as exc:

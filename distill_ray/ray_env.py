@@ -30,3 +30,13 @@ def init_ray(**local_kwargs) -> None:
     # Our steps print their own progress lines; Ray Data's per-operator INFO logs (its stand-in for
     # progress bars when stderr is not a terminal) would drown them out. Bars on a terminal stay.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def on_this_node():
+    """A scheduling strategy for this process's node (hard affinity): the actors a job's state hangs
+    on — a teacher's rate limiter with its spend — live and die with the job's driver, not on a
+    worker node that may be lost mid-run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

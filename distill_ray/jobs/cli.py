@@ -75,7 +75,7 @@ def add_cluster_verbs(sub, verb) -> None:
     """Register `submit` (through cli.py's `verb` helper: config and -o) and `jobs`."""
     submit = verb("submit", cmd_submit, "run steps as one Ray job on a cluster (validated here first)",
                   f"distill-ray submit {EXAMPLE} --steps prompts,generate --address http://127.0.0.1:8265 "
-                  f"--follow -o workdir=s3://my-bucket/runs/x")
+                  f"--follow -o workdir=s3://my-bucket/runs/x", ray_address=False)
     submit.add_argument("--steps", default=None, help="comma-separated steps, run in order (default: all)")
     submit.add_argument("--address", default=None, help=ADDRESS_HELP)
     submit.add_argument("--follow", action="store_true",

@@ -74,8 +74,11 @@ def control_actor(initial: dict[str, Any] | None = None):
     except ValueError:
         if initial is None:
             return None
+    from distill_ray.ray_env import on_this_node
+
+    # On the caller's node (the driver's, or a router's): a lost worker node must not take it along.
     return RolloutControl.options(name=CONTROL_NAME, namespace=CONTROL_NAMESPACE, lifetime="detached",
-                                  get_if_exists=True).remote(initial)
+                                  get_if_exists=True, scheduling_strategy=on_this_node()).remote(initial)
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 # Prometheus histograms take positive bucket bounds: the confidence is exported negated (-mean logprob).
 UNCERTAINTY_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5]
@@ -568,6 +571,12 @@ def build_app(args: dict[str, Any]):
                                                           "target_ongoing_requests": 8}}
     else:
         options = {"num_replicas": s.num_replicas}
+    if s.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = s.max_replicas_per_node
+    if s.student_resources:
+        options["ray_actor_options"] = {"num_cpus": 1, "resources": dict(s.student_resources)}
+    router: dict[str, Any] = {"user_config": args.get("rollout") or {}, "num_replicas": s.router_replicas}
+    if s.router_resources:
+        router["ray_actor_options"] = {"num_cpus": 0.5, "resources": dict(s.router_resources)}
     student = StudentServer.options(**options).bind(args["student_uri"], args["student_name"])
-    return Router.options(user_config=args.get("rollout") or {}).bind(student, args["config"], args["student_name"],
-                                                                      args.get("token_sha256"))
+    return Router.options(**router).bind(student, args["config"], args["student_name"], args.get("token_sha256"))

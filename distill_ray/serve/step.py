@@ -99,7 +99,7 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
     name, uri, result = pick_student(config, workdir, s.mode)
     args = app_args(config, name, uri, result)
     init_ray()
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port}, proxy_location=s.proxy_location)
     _reset_control()  # a fresh deployment starts from the config's rollout, not a previous run's
     t0 = time.perf_counter()
     serve.run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)

@@ -26,7 +26,7 @@ import ray.data
 
 from distill_ray.config.schema import Generate, PipelineConfig, Task, Teacher
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
-from distill_ray.ray_env import init_ray
+from distill_ray.ray_env import init_ray, on_this_node
 from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, answer_key
 from distill_ray.teacher.client import TeacherClient
@@ -269,8 +269,9 @@ def ask_teacher(teacher: Teacher, work: list[dict[str, Any]], workdir: Workdir, 
         pending = pending[1:]
     if pending:
         init_ray()
-        limiter = RateLimiter.remote(teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_concurrency,
-                                     budget_left - spent_before if budget_left is not None else None)
+        limiter = RateLimiter.options(scheduling_strategy=on_this_node()).remote(
+            teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_concurrency,
+            budget_left - spent_before if budget_left is not None else None)
         ds = ray.data.from_items([{"key": w["key"], "sample": w["sample"], "request": w["request"]} for w in pending])
         mapped = ds.map_batches(
             TeacherWorker, batch_size=generate.batch_size, batch_format="pyarrow",
@@ -282,7 +283,7 @@ def ask_teacher(teacher: Teacher, work: list[dict[str, Any]], workdir: Workdir, 
             fn_constructor_kwargs={"teacher_json": teacher.model_dump(mode="json"), "workdir": workdir.uri,
                                    "limiter": limiter, "lease_batch": _lease_batch(teacher, generate),
                                    "cache_parts": cache_parts},
-            num_cpus=0.5,
+            num_cpus=0.5, scheduling_strategy=generate.scheduling_strategy,
         )
         progress = _Progress(label, limiter, len(pending), spent_before, results, generate.progress_every_s, echo)
         try:

@@ -51,6 +51,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     model.train()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad], config=cfg["deepspeed"])
+    # Where each worker runs (rank order), for the step's summary: placement is visible.
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    cfg = {**cfg, "worker_nodes": nodes}
     # The copy rank 0 evaluates and exports (plain fp32 Hugging Face model, no DeepSpeed hooks).
     export_model = load_causal_lm(cfg["init_uri"])[0].to(device) if rank == 0 else None
 
@@ -178,7 +182,8 @@ def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out,
         import ray.train
 
         metrics = {**{k: v for k, v in record.items() if v is not None and k not in ("time", "unix_time")},
-                   "best_step": state["best_step"], "stopped_early": state["stopped_early"]}
+                   "best_step": state["best_step"], "stopped_early": state["stopped_early"],
+                   "worker_nodes": cfg["worker_nodes"]}
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 

@@ -90,11 +90,15 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
     summary = {"student": student.name, "parameters": init["parameters"], "layers": init["layers"],
                "best_step": best["step"], "holdout_loss": best["holdout_loss"], "metric": best["metric"],
                "tokens_per_s": history[-1]["tokens_per_s"], "steps": history[-1]["step"],
-               "stopped_early": bool(result.get("stopped_early")), "checkpoint": workdir.uri_of(step, "best")}
+               "stopped_early": bool(result.get("stopped_early")), "checkpoint": workdir.uri_of(step, "best"),
+               "worker_nodes": result.get("worker_nodes")}
     record.counts = {"train_rows": len(data["train"]), "truncated": data["truncated"], "kd_rows": data["kd_rows"],
                      "holdout_rows": len(data["holdout"]), "steps": history[-1]["step"]}
     record.timings = {"total": time.perf_counter() - t0}
     record.extra = {"result": summary}
+    if summary["worker_nodes"] and len(set(summary["worker_nodes"])) > 1:
+        echo(f"train[{student.name}]: workers ran on {len(set(summary['worker_nodes']))} nodes: "
+             + ", ".join(f"rank {i} {n[:12]}" for i, n in enumerate(summary["worker_nodes"])))
     return write_manifest(workdir, record)
 
 
@@ -175,7 +179,8 @@ def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[s
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker},
+                                     placement_strategy=t.placement_strategy),
         datasets={"train": dataset},
         run_config=RunConfig(name="run", storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),

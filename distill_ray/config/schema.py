@@ -356,6 +356,7 @@ class Train(Strict):
 
 class Eval(Strict):
     batch_size: int = Field(8, ge=1, description="Batch size for throughput (the one serving will use).")
+    num_workers: int = Field(2, ge=1, description="Ray Data actors (1 CPU, 1 thread each) answering the holdout.")
     latency_samples: int = Field(32, ge=1, description="Requests timed at batch 1 for p50/p95.")
     price_per_instance_hour_usd: float = Field(0.10, ge=0, description="Price of the machine serving the student.")
     judge_teacher: str | None = Field(

@@ -173,7 +173,7 @@ def _predict(config: PipelineConfig, uri: str, rows: list[dict[str, Any]]) -> tu
     max_new = max(t.max_tokens for t in config.teachers)
     ds = ray.data.from_items([{"id": r["id"], "messages": r["messages"]} for r in rows])
     out = ds.map_batches(StudentPredictor, batch_size=config.eval.batch_size, batch_format="pyarrow",
-                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+                         compute=ray.data.ActorPoolStrategy(size=config.eval.num_workers), num_cpus=1,
                          fn_constructor_kwargs={"model_uri": uri, "max_new_tokens": max_new})
     predictions = {p["id"]: p for p in out.take_all()}
     speed = ray.get(ray.remote(num_cpus=1)(measure_speed).remote(

@@ -69,6 +69,7 @@ def _ensure_all_nodes(cluster) -> None:
 
 def _cli(cluster, *args: str, timeout: float = 600, wait: bool = True):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"  # as the test cluster was started
     command = [sys.executable, "-m", "distill_ray", *args, "--address", cluster["gcs"]]
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -12,7 +12,8 @@ and stopped exactly: nothing else of the user's is touched.
     python cluster/local_head.py stop
 
 Every node has a custom resource of its own (`node_head`, `node_w1`, `node_w2`, ...): a task or
-actor asking for `{"node_w1": 0.01}` lands there, and placement is visible in `ray status`.
+actor asking for `{"node_w1": 0.01}` lands there, and placement is visible in `ray status`. Worker
+nodes also have one `worker_node` each: asking for it keeps a replica off the head.
 
 Why not plain `ray start --head` / `ray stop`: `ray stop` kills every Ray process of the user
 (another project's cluster, a test's Ray, a notebook's), and a second head collides with the first
@@ -195,7 +196,7 @@ def _start_worker(state_dir: Path, state: dict, name: str, num_cpus: int, env: d
     ports = dict(zip(WORKER_PORT_FLAGS, _free_ports(len(WORKER_PORT_FLAGS)), strict=True))
     command = [_ray_binary(), "start", "--address", state["gcs_address"], "--block", "--node-ip-address", "127.0.0.1",
                "--temp-dir", temp_dir, "--num-cpus", str(num_cpus), "--disable-usage-stats",
-               "--resources", json.dumps({f"node_{name}": 1})]
+               "--resources", json.dumps({f"node_{name}": 1, "worker_node": 1})]
     for flag, port in ports.items():
         command += [flag, str(port)]
     log = open(state_dir / f"{name}.log", "w")  # noqa: SIM115 - kept open by the child

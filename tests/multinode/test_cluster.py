@@ -21,11 +21,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import ROOT
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_offline_teacher import tiny_tokenizer
+from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.multinode
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
@@ -176,16 +175,10 @@ def _answer_rows(workdir: Path):
 
 @pytest.fixture(scope="module")
 def tiny_student(tmp_path_factory) -> Path:
-    import torch
-
+    """A 2-layer Llama (the shared test helper's), saved as a base model every node can read."""
     folder = tmp_path_factory.mktemp("tiny-student")
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_model(len(tokenizer), tokenizer.eos_token_id).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

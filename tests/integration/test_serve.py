@@ -202,6 +202,39 @@ def _wait_for(read, want: float, timeout_s: float = 30.0) -> float:
     return got
 
 
+def test_student_streams_as_it_decodes_and_an_unsure_stream_is_the_teachers(app):
+    """The student (vLLM) streams for real: the judged first tokens, then each piece as it is decoded;
+    joined, they are the same greedy answer as the plain request. An unsure stream falls back whole."""
+    client = _client(app)
+    messages = [{"role": "user", "content": MESSAGE}]
+    _rollout(app, mode="full", min_confidence=-1000.0)
+    try:
+        plain = client.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=48,
+                                                                  user="streamer")
+        assert plain.headers["x-served-by"] == "student"
+        whole = plain.parse().choices[0].message.content
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=48,
+                                                                stream=True, user="streamer")
+        assert raw.headers["x-served-by"] == "student"
+        pieces = [c.choices[0].delta.content for c in raw.parse() if c.choices and c.choices[0].delta.content]
+        assert len(pieces) > 1, pieces  # not one chunk after the whole answer
+        assert "".join(pieces).strip() == whole
+        _rollout(app, min_confidence=0.0)  # no answer is that sure
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=48,
+                                                                stream=True, user="streamer")
+        assert (raw.headers["x-served-by"], raw.headers["x-fallback-reason"]) == ("teacher", "low_confidence")
+        assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices) == "ORD-512874"
+        deadline = time.monotonic() + 20
+        while len(logs := [x for x in read_logs(Workdir(str(app["workdir"]))) if x["user"] == "streamer"]) < 3:
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.3)
+        streamed = [x for x in logs if "first_token_ms" in x]
+        assert len(streamed) == 1 and streamed[0]["first_token_ms"] <= streamed[0]["latency_ms"], logs
+        assert all(x["student_confidence"] is not None and x["student_confidence"] <= 0 for x in logs), logs
+    finally:
+        _rollout(app, mode="shadow", percent=0, min_confidence=-0.3)
+
+
 def test_unsure_or_dead_student_falls_back_to_the_teacher(app):
     import ray
     from ray.util.state import list_actors

@@ -131,3 +131,18 @@ def test_a_launched_teacher_must_be_local():
         load_config(None, ["teachers.0.base_url=https://api.example.com/v1"])
     assert "teachers.0" in str(err.value) and "launch: null" in str(err.value)
     assert load_config(None, ["teachers.0.base_url=https://api.example.com/v1", "teachers.0.launch=null"])
+
+
+def test_engine_keys_default_to_vllm_on_a_laptop_and_refuse_impossible_gpu_settings(tmp_path):
+    config = load_config(None, [])
+    for engine in (config.serve.engine, config.eval.engine, config.teachers[0].engine):
+        assert (engine.backend, engine.num_gpus, engine.tensor_parallel_size) == ("vllm", 0, 1)
+    gpu = load_config(None, ["serve.engine.num_gpus=2", "serve.engine.tensor_parallel_size=2",
+                             "serve.engine.accelerator_type=H100", "eval.engine.backend=transformers"])
+    assert gpu.serve.engine.tensor_parallel_size == 2 and gpu.eval.engine.backend == "transformers"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("serve:\n  engine:\n    tensor_parallel_size: 2\neval:\n  engine:\n    accelerator_type: L4\n"
+                   "    backend: vllm\n")
+    problems = {p.key: (p.line, p.message) for p in _problems(cfg)}
+    assert problems["serve.engine"][0] == 2 and "num_gpus" in problems["serve.engine"][1]
+    assert problems["eval.engine"][0] == 5 and "accelerator_type 'L4' needs num_gpus > 0" in problems["eval.engine"][1]

@@ -32,6 +32,7 @@ What the router adds is split in two, measured in the same run:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -89,8 +90,6 @@ OPEN_PROMPT = [{"role": "user", "content": "Write a long, friendly letter to a c
 
 async def _clients(url: str, headers: dict, bodies: list[dict], clients: int) -> tuple[list[float], float]:
     """Send the bodies with `clients` in flight; per-request latencies (ms) and requests/s."""
-    import asyncio
-
     import aiohttp
 
     queue, latencies = list(bodies), []
@@ -129,8 +128,6 @@ async def _stream(url: str, headers: dict, max_tokens: int) -> tuple[float, floa
 
 def engines(rounds: int) -> list[dict]:
     """Part 1: the example's base student through the router on each backend."""
-    import asyncio
-
     import ray
     from ray import serve
 
@@ -250,7 +247,11 @@ def main() -> None:
                 resp.read()
                 assert resp.status == 200
 
-            paths = {"router": routed, "student handle": lambda: student.generate.remote(messages, 4, 0.0).result(),
+            from distill_ray.serve.student import StudentClient
+
+            client, loop = StudentClient(student, "mini", ray_llm=True), asyncio.new_event_loop()
+            paths = {"router": routed,
+                     "student handle": lambda: loop.run_until_complete(client.generate(messages, 4, 0.0)),
                      "no-op ingress -> no-op": floor_http, "no-op handle": lambda: noop.generate.remote().result()}
             for _ in range(20):  # warm-up: the connection, the handles' routing tables, the model
                 for call in paths.values():

@@ -1,10 +1,11 @@
 """The Ray Serve application of step 7: the student behind a safety net, OpenAI-compatible.
 
 Two deployments:
-- `StudentServer`: the student checkpoint in the serve engine (`serve.engine`: vLLM, its CPU build
-  here and CUDA build on GPU nodes, with the engine's GPUs, accelerator type and tensor-parallel
-  placement group); each answer comes with its confidence (mean token logprob). Replicas and
-  autoscaling come from `serve:`.
+- `student`: the checkpoint in the serve engine (`student.py`): Ray's own LLM deployment
+  (`ray.serve.llm`'s LLMServer, vLLM's engine: its CPU build here, the CUDA build on GPU nodes, with
+  the engine's GPUs, accelerator type and tensor-parallel placement group), or `StudentServer`
+  below with `serve.engine.backend: transformers`; each answer comes with its confidence (mean token
+  logprob, from the logprobs the engine returns). Replicas and autoscaling come from `serve:`.
 - `Router` (the HTTP ingress): `/v1/chat/completions` (plain and streaming SSE), `/v1/models`,
   `/v1/distill/stats`, `/health`. Per request it picks the path (`policy.py`: shadow, sticky canary,
   full), calls the student deployment and/or the teacher API, falls back to the teacher when the
@@ -179,8 +180,9 @@ def sse_chunks(request_id: str, model: str, text: str, finish: str = "stop"):
 
 @serve.deployment(name="student", ray_actor_options={"num_cpus": 1})
 class StudentServer:
-    """The student checkpoint in the serve engine (`serve.engine`: vLLM by default); answers with
-    their confidence, whole (`generate`) or as they are decoded (`stream`)."""
+    """The student checkpoint in distill-ray's own deployment, with `serve.engine.backend: transformers`
+    (any ChatEngine works here); answers with their confidence, whole (`generate`) or as they are
+    decoded (`stream`)."""
 
     def __init__(self, model_uri: str, name: str, engine: dict[str, Any] | None = None):
         from distill_ray.config.schema import Engine
@@ -278,10 +280,12 @@ class Router:
         from distill_ray.config.schema import PipelineConfig
         from distill_ray.metrics import metric
         from distill_ray.serve.logs import RequestLog
+        from distill_ray.serve.student import StudentClient
         from distill_ray.storage import Workdir
 
-        self.student = student
         self.config = PipelineConfig.model_validate(config_json)
+        # Ray's LLM deployment (backend vllm) or distill-ray's StudentServer (backend transformers)
+        self.student = StudentClient(student, student_name, ray_llm=self.config.serve.engine.backend == "vllm")
         s = self.config.serve
         self.student_name = student_name
         teacher_name = s.teacher or self.config.teachers[0].name
@@ -534,7 +538,7 @@ class Router:
         messages = strip_few_shot(messages, self.few_shot)
         start = time.perf_counter()
         try:
-            out = await asyncio.wait_for(self.student.generate.remote(messages, max_tokens, temperature), timeout_s)
+            out = await asyncio.wait_for(self.student.generate(messages, max_tokens, temperature), timeout_s)
         except TimeoutError:
             self.breaker.record(ok=False)
             return {"error": None, "timed_out": True, "latency_ms": (time.perf_counter() - start) * 1000}
@@ -553,7 +557,7 @@ class Router:
             return {"error": None, "unavailable": True, "latency_ms": 0.0}
         messages = strip_few_shot(messages, self.few_shot)
         start = time.perf_counter()
-        live = self.student.options(stream=True).stream.remote(messages, max_tokens, temperature)
+        live = self.student.stream(messages, max_tokens, temperature)
         pieces: list[str] = []
         logprobs: list[float] = []
         final = None
@@ -674,18 +678,19 @@ def build_app(args: dict[str, Any]):
         options = {"num_replicas": s.num_replicas}
     if s.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = s.max_replicas_per_node
-    from distill_ray.engine import placement_bundles, ray_options
+    if s.engine.backend == "vllm":  # Ray's own LLM deployment (ray.serve.llm) with vLLM's engine
+        from distill_ray.serve.student import llm_deployment
 
-    actor = ray_options(s.engine)  # the engine's CPUs, GPUs and accelerator type
-    if s.student_resources:
-        actor["resources"] = dict(s.student_resources)
-    options["ray_actor_options"] = actor
-    if bundles := placement_bundles(s.engine):  # tensor parallelism: vLLM's Ray workers, one GPU each
-        options["placement_group_bundles"] = bundles
-        options["placement_group_strategy"] = "STRICT_PACK"
+        student = llm_deployment(args["student_uri"], args["student_name"], s, options)
+    else:
+        from distill_ray.engine import ray_options
+
+        actor = ray_options(s.engine)  # the engine's CPUs, GPUs and accelerator type
+        if s.student_resources:
+            actor["resources"] = dict(s.student_resources)
+        student = StudentServer.options(**options, ray_actor_options=actor).bind(
+            args["student_uri"], args["student_name"], s.engine.model_dump(mode="json"))
     router: dict[str, Any] = {"user_config": args.get("rollout") or {}, "num_replicas": s.router_replicas}
     if s.router_resources:
         router["ray_actor_options"] = {**Router.ray_actor_options, "resources": dict(s.router_resources)}
-    student = StudentServer.options(**options).bind(args["student_uri"], args["student_name"],
-                                                    s.engine.model_dump(mode="json"))
     return Router.options(**router).bind(student, args["config"], args["student_name"], args.get("token_sha256"))

@@ -104,6 +104,11 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
     t0 = time.perf_counter()
     serve.run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
     _wait_healthy(s.host, s.port, timeout_s=600)
+    import asyncio
+
+    from distill_ray.serve.student import warm_up
+
+    asyncio.run(warm_up(name, ray_llm=s.engine.backend == "vllm"))
     url = f"http://{s.host}:{s.port}/v1"
     quality = (f", relative quality {result['quality']['overall']['relative_quality']:.3f}, "
                f"{'passed' if result['passed'] else 'FAILED'} eval") if result else ""

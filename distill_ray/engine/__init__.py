@@ -109,7 +109,7 @@ def ray_options(engine: Engine) -> dict:
     options: dict = {"num_cpus": engine.num_cpus}
     if engine.num_gpus and engine.tensor_parallel_size == 1:
         options["num_gpus"] = engine.num_gpus
-    if engine.accelerator_type:
+    if engine.accelerator_type and engine.tensor_parallel_size == 1:  # else the placement group's GPUs say it
         options["accelerator_type"] = engine.accelerator_type
     return options
 

@@ -86,6 +86,9 @@ class VllmEngine:
         self.llm = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
         config = self.llm.model_config.hf_config
         self.parameters = _parameters(config)
+        # One token now: a model the engine cannot run (an attention shape its CPU kernels lack) fails
+        # here, with its cause, instead of at the first request; and the first batch's warm-up is paid.
+        self.generate_batch([[{"role": "user", "content": "Hello"}]], 1)
 
     async def _start(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -132,7 +135,9 @@ class VllmEngine:
         if llm is not None:
             self.loop.call_soon_threadsafe(llm.shutdown)
             self.llm = None
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=60)  # the engine's processes are stopped by then
 
     # ------------------------------------------------------------------------------------- helpers
     def _ids(self, messages: list[dict[str, str]]) -> list[int]:

@@ -162,23 +162,15 @@ def _raise_if_failed(results: dict[str, Any]) -> None:
 
 
 def _predict(config: PipelineConfig, uri: str, rows: list[dict[str, Any]]) -> tuple[dict[str, dict], dict[str, Any]]:
-    import ray
+    """The student's holdout answers and its speed, on `eval.engine` (`distill_ray.eval.predict`)."""
     import ray.data
 
-    from distill_ray.eval.predict import StudentPredictor, measure_speed
+    from distill_ray.eval.predict import predict
     from distill_ray.ray_env import init_ray
 
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    max_new = max(t.max_tokens for t in config.teachers)
-    ds = ray.data.from_items([{"id": r["id"], "messages": r["messages"]} for r in rows])
-    out = ds.map_batches(StudentPredictor, batch_size=config.eval.batch_size, batch_format="pyarrow",
-                         compute=ray.data.ActorPoolStrategy(size=config.eval.num_workers), num_cpus=1,
-                         fn_constructor_kwargs={"model_uri": uri, "max_new_tokens": max_new})
-    predictions = {p["id"]: p for p in out.take_all()}
-    speed = ray.get(ray.remote(num_cpus=1)(measure_speed).remote(
-        uri, [r["messages"] for r in rows], max_new, config.eval.batch_size, config.eval.latency_samples, 1))
-    return predictions, speed
+    return predict(uri, rows, config.eval, max(t.max_tokens for t in config.teachers))
 
 
 def student_summary(r: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""`distill-ray eval` on a real local Ray: a barely trained student against the scripted teacher."""
+"""`distill-ray eval` on a real local Ray: a barely trained student against the scripted teacher,
+answering through vLLM (its CPU build) in a Ray Data actor pool, its speed timed on that engine."""
 
 from __future__ import annotations
 
@@ -7,20 +8,40 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill_ray.cli import main
 from distill_ray.config.schema import Bar
 from distill_ray.eval.scoring import Scored, quality
 from tests.integration.test_generate import prompt_set  # noqa: F401 - fixture
-from tests.integration.test_train import _config, filtered, student_folder  # noqa: F401 - fixtures
+from tests.integration.test_offline_teacher import tiny_tokenizer
+from tests.integration.test_train import _config, filtered  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def test_a_student_stopped_after_one_step_fails_the_gate(filtered, student_folder, tmp_path, capsys):  # noqa: F811
-    path = _config(tmp_path, filtered, student_folder, max_steps=1, eval_every_steps=1)
+@pytest.fixture(scope="module")
+def vllm_student(tmp_path_factory) -> Path:
+    """test_train's tiny Llama with heads of 32 dimensions (2 heads of a 64-wide model): vLLM's CPU
+    attention has no kernel for test_train's 16."""
+    folder = tmp_path_factory.mktemp("tiny-vllm-student")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_student_stopped_after_one_step_fails_the_gate(filtered, vllm_student, tmp_path, capsys):  # noqa: F811
+    path = _config(tmp_path, filtered, vllm_student, max_steps=1, eval_every_steps=1)
     config = json.loads(path.read_text())
-    config["eval"] = {"batch_size": 4, "latency_samples": 4}
+    # One worker: one engine start per eval (about 40 s on this CPU), the speed timed on it too.
+    config["eval"] = {"batch_size": 4, "latency_samples": 4, "num_workers": 1}
     config["task"]["bar"] = {"min_relative_quality": 0.9, "min_slice_relative_quality": 0.8,
                              "max_p95_latency_ms": 60000, "max_cost_per_1k_requests_usd": 1.0,
                              "min_slice_holdout_rows": 1}
@@ -28,15 +49,28 @@ def test_a_student_stopped_after_one_step_fails_the_gate(filtered, student_folde
     assert main(["train", str(path)]) == 0
     capsys.readouterr()
     assert main(["eval", str(path)]) == 1
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "no student meets the bar" in err and "min_relative_quality" in err
     assert re.search(r"min_slice_relative_quality\[(shipping|refund)\]", err)
+    assert "eval[mini]: relative quality" in captured.out and "recommended serve.min_confidence" in captured.out
 
     workdir = Path(config["workdir"])
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     mini = metrics["students"]["mini"]
     assert set(mini["quality"]["slices"]) == {"shipping", "refund"}
     assert mini["latency"]["p95_latency_ms"] > 0 and mini["cost_per_1k_requests_usd"] > 0
+    # The speed comes from the engine that answered: vLLM, timed alone in the pool, at batch 1 and at batch 4.
+    latency = mini["latency"]
+    assert latency["engine"]["engine"] == "vllm" and latency["engine"]["tensor_parallel_size"] == 1
+    assert latency["engines_up_when_timed"] == "1 of 1" and latency["engine_start_s"] > 0
+    assert 0 < latency["p50_latency_ms"] <= latency["p95_latency_ms"]
+    assert latency["batch_size"] == 4 and latency["requests_per_s_at_batch"] > 0
+    assert mini["parameters"] == latency["parameters"] == latency["engine"]["parameters"] > 0
+    # Every answer carries its confidence (vLLM's token logprobs), and calibration buckets them.
+    answered = [json.loads(x) for x in (workdir / "eval" / "rows.jsonl").read_text().splitlines()]
+    assert answered and all(r["confidence"] is not None and r["confidence"] <= 0 for r in answered)
+    assert mini["calibration"] and sum(b["rows"] for b in mini["calibration"]) == len(answered)
     page = (workdir / "eval" / "report.html").read_text()
     assert 'class="slice-bars"' in page and 'class="slices"' in page and 'class="calibration"' in page
     _check_page_in_chromium(workdir / "eval" / "report.html", mini)

@@ -81,11 +81,20 @@ def _run_steps(config: PipelineConfig, names: list[str], announce: bool = False)
 
 
 def cmd_teacher_serve(args: argparse.Namespace) -> int:
-    from distill_ray.teacher.offline import serve
+    if args.engine == "transformers":
+        from distill_ray.teacher.offline import serve
 
-    serve(host=args.host, port=args.port, model_spec=args.model, max_batch=args.max_batch,
-          api_key_env=args.api_key_env)
-    return 0
+        serve(host=args.host, port=args.port, model_spec=args.model, max_batch=args.max_batch or 8,
+              api_key_env=args.api_key_env)
+        return 0
+    from distill_ray.config.schema import Engine
+    from distill_ray.engine.server import serve_teacher
+
+    settings = {"enforce_eager": args.eager} if args.eager is not None else {}
+    if args.max_batch:
+        settings["max_num_seqs"] = args.max_batch
+    return serve_teacher(args.model, host=args.host, port=args.port, name=args.name, engine=Engine(**settings),
+                         api_key_env=args.api_key_env)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -219,11 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     teacher_sub = teacher.add_subparsers(dest="teacher_verb", required=True, metavar="ACTION")
     serve = teacher_sub.add_parser(
         "serve", help="serve SmolLM2-135M-Instruct (or --model PATH) over /v1/chat/completions",
-        epilog="example:\n  distill-ray teacher serve --port 8100", formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="Serve a model over the OpenAI chat API: vLLM's own server (continuous batching, prefix "
+        "caching, logprobs), or distill-ray's transformers server with --engine transformers.",
+        epilog="example:\n  distill-ray teacher serve --port 8100\n"
+        "  distill-ray teacher serve --engine transformers --port 8100",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8100)
     serve.add_argument("--model", default="smollm2", help="'smollm2' (the offline wheel) or a model path / s3:// / HF id")
-    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
+                       help="vllm (default): vLLM's OpenAI server; transformers: distill-ray's own batched server")
+    serve.add_argument("--name", default=None, help="vLLM: the model name requests must send (default: "
+                       "SmolLM2-135M-Instruct for smollm2, else the folder's name); the transformers server "
+                       "accepts any")
+    eager = serve.add_mutually_exclusive_group()
+    eager.add_argument("--eager", dest="eager", action="store_true", default=None,
+                       help="vLLM: no torch.compile (the default on CPU: starts in about 40 s instead of 110 s)")
+    eager.add_argument("--compile", dest="eager", action="store_false",
+                       help="vLLM: torch.compile the model (slower start, answers about 20-40%% faster on CPU)")
+    serve.add_argument("--max-batch", type=int, default=None,
+                       help="requests decoded together (transformers: default 8; vLLM: max_num_seqs, default 64)")
     serve.add_argument("--api-key-env", default=None, help="require this env var's value as the bearer token")
     serve.set_defaults(func=cmd_teacher_serve)
     return parser

@@ -166,7 +166,8 @@ class Engine(Strict):
     enforce_eager: bool | None = Field(
         None, description="Skip vLLM's torch.compile and CUDA graphs. null: eager on CPU (start-up about 40 s here "
         "instead of 110 s, answers about 20% slower), compiled on GPU.")
-    kv_cache_gib: float = Field(2, gt=0, description="vLLM on CPU: memory for the key/value cache (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: int = Field(2, ge=1, description="vLLM on CPU: GiB for the key/value cache (VLLM_CPU_KVCACHE_SPACE, "
+                              "a whole number).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM on GPU: share of GPU memory it may take.")
     enable_prefix_caching: bool = Field(True, description="Reuse the key/values of a shared prompt prefix "
                                         "(the task's system line and few-shot turns).")

@@ -21,8 +21,8 @@ class TransformersEngine:
     def __init__(self, folder: str, engine: Engine, *, chat_template: str | None = None):
         import torch
 
+        from distill_ray.engine.batcher import BatchGenerator
         from distill_ray.models import load_causal_lm
-        from distill_ray.teacher.batcher import BatchGenerator
         from distill_ray.train.data import ensure_chat_template
 
         torch.set_num_threads(max(1, int(os.environ.get("DISTILL_STUDENT_THREADS", engine.num_cpus))))
@@ -38,7 +38,7 @@ class TransformersEngine:
         self.parameters = sum(p.numel() for p in self.model.parameters())
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0) -> Answer:
-        from distill_ray.teacher.batcher import GenerationRequest
+        from distill_ray.engine.batcher import GenerationRequest
 
         ids = self._ids(messages)
         result = await asyncio.wrap_future(self.generator.submit(
@@ -52,7 +52,7 @@ class TransformersEngine:
         yield answer
 
     def generate_batch(self, conversations: list[list[dict[str, str]]], max_tokens: int) -> list[Answer]:
-        from distill_ray.teacher.batcher import GenerationRequest
+        from distill_ray.engine.batcher import GenerationRequest
 
         out = []
         step = self.settings.max_num_seqs

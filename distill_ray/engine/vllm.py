@@ -30,7 +30,7 @@ def engine_env(engine: Engine) -> dict[str, str]:
     default pins each to every core of the node)."""
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     if not engine.num_gpus:
-        env.update({"VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_gib:g}", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        env.update({"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                     "OMP_NUM_THREADS": str(max(1, int(engine.num_cpus)))})
     return env
 

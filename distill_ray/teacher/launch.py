@@ -2,16 +2,21 @@
 
 The embedded default's teacher is the offline SmolLM2 server on 127.0.0.1:8100. `distill-ray run`
 (and every step that calls a teacher) starts it when nothing answers at its `base_url` yet, waits
-until it is healthy, and stops exactly the process it started when the steps are done. A teacher
+until it is healthy, and stops exactly the processes it started when the steps are done. A teacher
 already answering at that address (started by hand with `distill-ray teacher serve`) is used as it
 is and left running.
+
+The server is vLLM's own OpenAI-compatible server (`teachers[].engine.backend: vllm`, the default;
+`distill_ray.engine.server`), serving the model as the teacher's `model` name, or distill-ray's own
+transformers server (`backend: transformers`, `distill_ray.teacher.offline`). Each runs in a process
+group of its own (vLLM has an EngineCore child process), which is stopped as a whole, and gets SIGTERM
+when the launcher dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,9 +27,12 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 from distill_ray.config.schema import PipelineConfig, Teacher
+from distill_ray.engine.server import start_process, stop_process
 from distill_ray.teacher.errors import TeacherRejected
 
-START_TIMEOUT_S = 600  # the first start on a machine converts the GGUF file (about a minute here)
+# vLLM starts in about 40 s eager and 110 s compiled on 2 idle cores; the first start on a machine also
+# converts the GGUF file (about a minute), and the steps share the CPU with it.
+START_TIMEOUT_S = 900
 
 
 def _health_url(teacher: Teacher) -> str:
@@ -57,14 +65,22 @@ class Launched:
         self.ready = False
 
     def start(self, teacher: Teacher) -> None:
+        """Start the teacher's server (without waiting for it); call from the main thread (see
+        `start_process`)."""
         log = tempfile.NamedTemporaryFile(prefix=f"distill-ray-teacher-{teacher.name}-", suffix=".log", delete=False)  # noqa: SIM115
-        command = [sys.executable, "-m", "distill_ray.teacher.offline", "--host", "127.0.0.1", "--port",
-                   str(_port(teacher)), "--model", str(teacher.launch), "--parent-pid", str(os.getpid())]
-        self.echo(f"teacher {teacher.name}: starting the offline teacher ({teacher.launch}) at {teacher.base_url}; "
-                  f"log {log.name}")
-        # Its own session: a Ctrl-C in this terminal reaches us, and we stop it in order.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        backend = teacher.engine.backend
+        command = [sys.executable, "-m", "distill_ray.engine.server", "--model", str(teacher.launch),
+                   "--name", teacher.model, "--host", "127.0.0.1", "--port", str(_port(teacher)),
+                   "--engine-json", teacher.engine.model_dump_json()] if backend == "vllm" else \
+            [sys.executable, "-m", "distill_ray.teacher.offline", "--host", "127.0.0.1", "--port",
+             str(_port(teacher)), "--model", str(teacher.launch), "--parent-pid", str(os.getpid())]
+        if teacher.api_key_env:
+            command += ["--api-key-env", teacher.api_key_env]
+        what = "vLLM" if backend == "vllm" else "transformers"
+        self.echo(f"teacher {teacher.name}: starting the offline teacher ({teacher.launch}, {what}) at "
+                  f"{teacher.base_url}; log {log.name}")
+        process = start_process(command, {**os.environ, "HF_HUB_OFFLINE": "1"}, output=log)
+        log.close()
         self.processes.append((teacher, process, log.name))
 
     def wait(self) -> None:
@@ -87,7 +103,7 @@ class Launched:
 
     def stop(self) -> None:
         for teacher, process, log in self.processes:
-            if _stop(process):
+            if stop_process(process):
                 self.echo(f"teacher {teacher.name}: stopped (log: {log})")
         self.processes = []
 
@@ -109,16 +125,3 @@ def launched_teachers(config: PipelineConfig, echo: Callable[[str], None] = prin
         yield launched
     finally:
         launched.stop()
-
-
-def _stop(process: subprocess.Popen) -> bool:
-    """Stop a process we started; False when it had already exited."""
-    if process.poll() is not None:
-        return False
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    return True

@@ -31,7 +31,7 @@ import torch
 from aiohttp import web
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill_ray.teacher.batcher import (
+from distill_ray.engine.batcher import (
     DEFAULT_MAX_TOKENS,
     ENGINE,
     MAX_TOP_LOGPROBS,

@@ -229,8 +229,8 @@ def _holdout_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int)
 @torch.no_grad()
 def _holdout_metric(model, tokenizer, prompts: list[dict[str, Any]], metric_name: dict[str, Any],
                     max_new_tokens: int) -> float | None:
+    from distill_ray.engine.batcher import BatchGenerator, GenerationRequest
     from distill_ray.metrics import metric
-    from distill_ray.teacher.batcher import BatchGenerator, GenerationRequest
 
     if not prompts:
         return None

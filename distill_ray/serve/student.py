@@ -29,6 +29,8 @@ def llm_deployment(model_uri: str, name: str, s: Serve, replica_options: dict[st
         s: the `serve:` section (its `engine`).
         replica_options: num_replicas or autoscaling_config, max_replicas_per_node.
     """
+    import logging
+
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
     from distill_ray.engine.vllm import engine_env, engine_kwargs
@@ -56,6 +58,7 @@ def llm_deployment(model_uri: str, name: str, s: Serve, replica_options: dict[st
         deployment_config={"ray_actor_options": {"num_cpus": 0}},
         runtime_env={"env_vars": engine_env(engine)},
     )
+    logging.getLogger("ray.serve.ray.llm").setLevel(logging.WARNING)  # it prints every deployment option at INFO
     return build_llm_deployment(config, name_prefix="", override_serve_options={"name": "student", **replica_options})
 
 

@@ -9,12 +9,11 @@ It prints the engine's start time, p50/p95 latency at batch 1 and requests/s at 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from tests.gpu.test_train_gpu import _has_smollm2, _tiny, ray_gpu  # noqa: F401 - fixture
+from tests.gpu.test_train_gpu import _has_smollm2, _tiny, filtered_workdir, ray_gpu  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (vLLM's CUDA build, bf16)")]
@@ -22,25 +21,10 @@ pytestmark = [pytest.mark.gpu,
 
 def test_eval_on_a_gpu_engine(ray_gpu, tmp_path, capsys):  # noqa: F811
     from distill_ray.cli import main
-    from distill_ray.config import load_config
-    from distill_ray.filters.step import run_filter
     from distill_ray.models import load_causal_lm
-    from distill_ray.prompts.step import run_prompts
-    from distill_ray.teacher.generate import run_generate
-    from tests.conftest import ROOT
-    from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
     from tests.integration.test_train import _config
 
-    log = tmp_path / "log.jsonl"
-    shutil.copy(ROOT / "jobs" / "data" / "support_orders.jsonl", log)
-    work = tmp_path / "filtered"
-    with FakeTeacher(FakeTeacherConfig()) as teacher:
-        config = load_config(str(ROOT / "jobs" / "configs" / "support_orders.yaml"), [
-            f"workdir={work}", f"prompts.source={log}", "prompts.size=400", f"teachers.0.base_url={teacher.base_url}",
-            "teachers.0.launch=null", "teachers.0.max_concurrency=64"])
-        run_prompts(config, echo=lambda _: None)
-        run_generate(config, echo=lambda _: None)
-    run_filter(config, echo=lambda _: None)
+    work = filtered_workdir(tmp_path)
 
     # A student trained a few steps on the GPU (SmolLM2 when its wheel is here, else a 64-wide-head Llama).
     student = tmp_path / "student"

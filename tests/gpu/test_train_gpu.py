@@ -32,15 +32,14 @@ def ray_gpu():
     ray.shutdown()
 
 
-def test_zero3_bf16_on_gpus(ray_gpu, tmp_path, capsys):
-    from distill_ray.cli import main
+def filtered_workdir(tmp_path):
+    """prompts -> generate (the scripted teacher) -> filter of the example log, in tmp_path/filtered."""
     from distill_ray.config import load_config
     from distill_ray.filters.step import run_filter
     from distill_ray.prompts.step import run_prompts
     from distill_ray.teacher.generate import run_generate
     from tests.conftest import ROOT
     from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-    from tests.integration.test_train import _config, student_folder  # noqa: F401
 
     log = tmp_path / "log.jsonl"
     shutil.copy(ROOT / "jobs" / "data" / "support_orders.jsonl", log)
@@ -52,6 +51,14 @@ def test_zero3_bf16_on_gpus(ray_gpu, tmp_path, capsys):
         run_prompts(config, echo=lambda _: None)
         run_generate(config, echo=lambda _: None)
     run_filter(config, echo=lambda _: None)
+    return work
+
+
+def test_zero3_bf16_on_gpus(ray_gpu, tmp_path, capsys):
+    from distill_ray.cli import main
+    from tests.integration.test_train import _config, student_folder  # noqa: F401
+
+    work = filtered_workdir(tmp_path)
 
     gpus = torch.cuda.device_count()
     student = tmp_path / "student"

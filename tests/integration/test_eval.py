@@ -8,15 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill_ray.cli import main
 from distill_ray.config.schema import Bar
 from distill_ray.eval.scoring import Scored, quality
 from tests.integration.test_generate import prompt_set  # noqa: F401 - fixture
-from tests.integration.test_offline_teacher import tiny_tokenizer
-from tests.integration.test_train import _config, filtered  # noqa: F401 - fixtures
+from tests.integration.test_train import _config, filtered, save_tiny_student  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -25,16 +22,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def vllm_student(tmp_path_factory) -> Path:
     """test_train's tiny Llama with heads of 32 dimensions (2 heads of a 64-wide model): vLLM's CPU
     attention has no kernel for test_train's 16."""
-    folder = tmp_path_factory.mktemp("tiny-vllm-student")
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_student(tmp_path_factory.mktemp("tiny-vllm-student"), heads=2, kv_heads=1)
 
 
 def test_a_student_stopped_after_one_step_fails_the_gate(filtered, vllm_student, tmp_path, capsys):  # noqa: F811

@@ -28,18 +28,22 @@ from tests.integration.test_offline_teacher import tiny_tokenizer
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-@pytest.fixture(scope="module")
-def student_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-student")
+def save_tiny_student(folder: Path, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A seeded 4-layer Llama, 64 wide, with the tests' tiny tokenizer, saved as a base model."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def student_folder(tmp_path_factory) -> Path:
+    return save_tiny_student(tmp_path_factory.mktemp("tiny-student"))
 
 
 @pytest.fixture(scope="module")

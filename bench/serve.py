@@ -142,6 +142,7 @@ def engines(rounds: int) -> list[dict]:
     extract = [{"model": "m", "max_tokens": 16, "messages": [{"role": "system", "content": EXTRACT},
                                                               {"role": "user", "content": m}]} for m in MESSAGES]
     results = []
+    port = _free_port()  # one for both apps: Serve's HTTP proxy keeps the port it started with
     ray.init(num_cpus=2, logging_level="ERROR")
     try:
         for backend in ("vllm", "transformers"):
@@ -150,7 +151,6 @@ def engines(rounds: int) -> list[dict]:
                 (workdir / "students" / "base").mkdir(parents=True)
                 os.symlink(smollm2_dir(), workdir / "students" / "base" / "best")
                 write_manifest(Workdir(str(workdir)), StepRecord("students/base", {}, {}))
-                port = _free_port()
                 config = load_config(None, [
                     f"workdir={workdir}", "teachers.0.base_url=http://127.0.0.1:9/v1", "teachers.0.launch=null",
                     "students=[{name: base, base_model: smollm2}]", "serve.student=base", f"serve.port={port}",

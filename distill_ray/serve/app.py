@@ -154,14 +154,20 @@ def completion_body(request_id: str, model: str, text: str, usage: dict[str, int
             "usage": usage}
 
 
+def sse_event(request_id: str, model: str, created: int, delta: dict[str, Any],
+              finish_reason: str | None = None) -> bytes:
+    """One OpenAI chat.completion.chunk as an SSE event."""
+    chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+
 def sse_chunks(request_id: str, model: str, text: str, finish: str = "stop"):
     """The answer as OpenAI chat.completion.chunk events (role, content pieces, finish), then [DONE]."""
     created = int(time.time())
 
     def event(delta: dict[str, Any], finish_reason: str | None) -> bytes:
-        chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+        return sse_event(request_id, model, created, delta, finish_reason)
 
     yield event({"role": "assistant", "content": ""}, None)
     pieces, word = [], ""
@@ -458,10 +464,7 @@ class Router:
         live = answer.pop("live")
 
         def event(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-            chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,
-                     "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                                  "logprobs": None}]}
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+            return sse_event(request_id, model, created, delta, finish_reason)
 
         text, final = "".join(answer["pieces"]), None
         try:

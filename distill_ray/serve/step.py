@@ -10,6 +10,7 @@ with a new `user_config` only, which Serve applies to the running router replica
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -104,11 +105,9 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
     t0 = time.perf_counter()
     serve.run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
     _wait_healthy(s.host, s.port, timeout_s=600)
-    import asyncio
-
     from distill_ray.serve.student import warm_up
 
-    asyncio.run(warm_up(name, ray_llm=s.engine.backend == "vllm"))
+    asyncio.run(warm_up(name, ray_llm=s.engine.backend == "vllm"))  # the first client pays no engine warm-up
     url = f"http://{s.host}:{s.port}/v1"
     quality = (f", relative quality {result['quality']['overall']['relative_quality']:.3f}, "
                f"{'passed' if result['passed'] else 'FAILED'} eval") if result else ""

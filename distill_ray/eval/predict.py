@@ -57,8 +57,8 @@ def predict(model_uri: str, rows: list[dict[str, Any]], settings: Eval,
     groups: list = []
     if (bundles := placement_bundles(engine)) is not None:
         # Tensor parallelism: each actor in a placement group of its own, where vLLM's Ray executor starts
-        # one worker per GPU bundle. The actor sits in the CPU bundle; the GPU bundles carry the accelerator type.
-        options.pop("accelerator_type", None)
+        # one worker per GPU bundle. The actor sits in the CPU bundle (ray_options leaves the accelerator
+        # type to the GPU bundles).
 
         def own_group() -> dict[str, Any]:
             # Ray Data calls this, in this process, as it starts each actor of the pool (all of them first),

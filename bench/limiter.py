@@ -1,4 +1,4 @@
-"""The ceiling of one global rate limiter: rate-limit leases per second that one `RateLimiter` actor
+"""The ceiling of one global rate limiter: rate-limit leases per second that one `TeacherLedger` actor
 grants, with 1, 8 and 64 concurrent clients (a client = one generate worker's `LeaseClient`), and
 how leasing in batches raises it; then the same with the limiter sharded.
 
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def main() -> None:
 
     import ray
 
-    from distill_ray.teacher.limiter import LeaseClient, RateLimiter
+    from distill_ray.teacher.ledger import LeaseClient, TeacherLedger
 
     @ray.remote(num_cpus=0)
     class Clients:
@@ -52,20 +53,22 @@ def main() -> None:
                         leases.settle(12, 12, 0.0, 0.0, True)
                         count += 1
 
-            clients = [LeaseClient(limiters[(first + i) % len(limiters)], batch) for i in range(n)]
+            clients = [LeaseClient(limiters[(first + i) % len(limiters)], batch, holder=f"bench:{first + i}", step="bench")
+                       for i in range(n)]
             await asyncio.gather(*(drive(c) for c in clients for _ in range(max(2, batch))))
             for c in clients:
                 c.close()
             return count
 
     ray.init(num_cpus=2, logging_level="ERROR", include_dashboard=False)
+    tmp = tempfile.mkdtemp(prefix="bench-limiter-")
     processes = [Clients.remote() for _ in range(4)]
     clients_list = [int(c) for c in args.clients.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
 
     def measure(shards: int, clients: int, batch: int) -> float:
-        limiters = [RateLimiter.remote(10**9 / shards, 0, 10**7, None) for _ in range(shards)]
-        ray.get([lim.state.remote() for lim in limiters])
+        limiters = [TeacherLedger.remote(f"bench{i}", f"{tmp}/ledger-{shards}-{i}") for i in range(shards)]
+        ray.get([lim.configure.remote(10**9 / shards, 0, 10**7, None) for lim in limiters])
         used = processes[:min(clients, len(processes))]
         per = [clients // len(used) + (1 if i < clients % len(used) else 0) for i in range(len(used))]
         firsts = [sum(per[:i]) for i in range(len(used))]

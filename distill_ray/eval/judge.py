@@ -86,7 +86,9 @@ class LLMJudge:
         if not work:
             return
         asked = ask_teacher(self.teacher, work, self.workdir, self.config.generate, self.config.budget_usd, self.echo,
-                            label=f"eval judge[{self.teacher.name}]", cache_parts=("eval", "judge", self.teacher.name))
+                            label=f"eval judge[{self.teacher.name}]", step="eval_judge",
+                            other_teachers=[t.name for t in self.config.teachers if t.name != self.teacher.name],
+                            cache_parts=("eval", "judge", self.teacher.name))
         answers, results = asked["answers"], asked["results"]
         self.stats["cached"] += asked["cached_before"]
         self.stats["calls"] += len(results)

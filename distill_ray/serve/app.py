@@ -297,6 +297,16 @@ class Router:
         teacher_name = s.teacher or self.config.teachers[0].name
         self.teacher = next(t for t in self.config.teachers if t.name == teacher_name)
         self.teacher_key = os.environ.get(self.teacher.api_key_env) if self.teacher.api_key_env else None
+        # The teacher's one ledger (its limits and the pipeline's budget_usd, shared with generate and
+        # eval's judge): every fallback and shadow call draws a lease from it and books its cost.
+        from distill_ray.teacher.ledger import LeaseClient, open_ledger, read_spend
+
+        workdir = Workdir(self.config.workdir)
+        others = sum(read_spend(workdir, t.name)["spent_usd"] for t in self.config.teachers if t.name != teacher_name)
+        ttl = self.config.generate.lease_ttl_s
+        self.teacher_ledger = LeaseClient(open_ledger(self.teacher, workdir, self.config.budget_usd, ttl, others), 1,
+                                          holder=f"serve:{ray.get_runtime_context().get_actor_id()}",
+                                          step="serve_fallback", flush_s=0.5, ttl_s=ttl)
         # The bearer token's SHA-256, computed where `distill-ray serve` read serve.auth_token_env: the
         # token itself never travels to the cluster nor sits in the Serve config.
         self.token_sha256 = token_sha256
@@ -530,6 +540,10 @@ class Router:
         try:
             teacher = await self._teacher(messages, max_tokens, temperature, body)
         except RequestError as err:
+            if err.code == "insufficient_quota" and student.get("text") and not student.get("error") \
+                    and student.get("done", True):
+                record["fallback_skipped"] = "budget"  # no teacher money left: the student's answer stands
+                return {**student, "waited_ms": student["latency_ms"]}
             raise RequestError(502, f"the student could not be served ({reason}: {student.get('error') or 'see x-fallback-reason'}) "
                                f"and the teacher failed too: {err.message}", type_="api_error", code="upstream_failed") from None
         record["teacher_latency_ms"] = teacher["latency_ms"]
@@ -592,39 +606,60 @@ class Router:
                 "usage": {**usage, "total_tokens": sum(usage.values())}}
 
     async def _teacher(self, messages, max_tokens: int, temperature: float, body: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's answer, through its ledger (limits and budget_usd); 429 insufficient_quota when
+        the budget is spent, as OpenAI answers when a quota is."""
         import aiohttp
 
+        from distill_ray.teacher.client import auth_headers, chat_url, cost_usd, estimate_tokens, usage_of
+
+        t = self.teacher
         if self.session is None:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.teacher.timeout_s))
-        payload = {"model": self.teacher.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=t.timeout_s))
+        payload = {"model": t.model, "messages": messages, t.token_limit_param: max_tokens, **t.extra_body}
+        if t.temperature is not None:
+            payload["temperature"] = temperature
         for key in ("stop", "top_p", "seed"):
             if body.get(key) is not None:
                 payload[key] = body[key]
-        headers = {"authorization": f"Bearer {self.teacher_key}"} if self.teacher_key else {}
-        url = self.teacher.base_url.rstrip("/") + "/chat/completions"
+        if t.reasoning_effort is not None:
+            payload["reasoning_effort"] = t.reasoning_effort
+        headers = auth_headers(t, self.teacher_key)
+        url = chat_url(t)
+        est_tokens, est_cost = estimate_tokens(messages) + max_tokens, cost_usd(t, estimate_tokens(messages), max_tokens)
         last = "no attempt"
         start = time.perf_counter()
         for attempt in range(3):
+            if not await self.teacher_ledger.acquire(est_tokens, est_cost):
+                raise RequestError(429, f"teacher '{t.name}': budget_usd is spent (the pipeline's teacher budget, "
+                                   "shared by generate, eval and serve)", type_="insufficient_quota",
+                                   code="insufficient_quota")
+            used, cost = 0, 0.0
             try:
-                async with self.session.post(url, json=payload, headers=headers) as resp:
+                async with self.session.post(url, data=json.dumps(payload), headers=headers) as resp:
                     raw = await resp.read()
                     if resp.status == 200:
                         data = json.loads(raw)
                         choice = data["choices"][0]
-                        usage = data.get("usage") or {}
+                        usage = usage_of(data.get("usage") or {})
+                        prompt_tokens, completion_tokens = usage["prompt_tokens"] or 0, usage["completion_tokens"] or 0
+                        used = prompt_tokens + completion_tokens or 1
+                        cost = cost_usd(t, prompt_tokens, completion_tokens, usage["cached_tokens"])
                         return {"served_by": "teacher", "text": choice["message"].get("content") or "",
                                 "latency_ms": (time.perf_counter() - start) * 1000,
                                 "finish_reason": choice.get("finish_reason") or "stop",
-                                "usage": {"prompt_tokens": usage.get("prompt_tokens", 0),
-                                          "completion_tokens": usage.get("completion_tokens", 0),
-                                          "total_tokens": usage.get("total_tokens", 0)}}
+                                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                          "total_tokens": prompt_tokens + completion_tokens}}
                     last = f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}"
-                    if resp.status not in (408, 409, 429) and resp.status < 500:
+                    if resp.status == 429:
+                        self.teacher_ledger.throttle(float(resp.headers.get("Retry-After") or 1))
+                    elif resp.status not in (408, 409) and resp.status < 500:
                         break
             except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, KeyError, IndexError) as exc:
                 last = f"{type(exc).__name__}: {str(exc)[:200]}"
+            finally:
+                self.teacher_ledger.settle(est_tokens, used or est_tokens, est_cost, cost, answered=used > 0)
             await asyncio.sleep(0.1 * (attempt + 1))
-        raise RequestError(502, f"teacher '{self.teacher.name}' failed: {last}", type_="api_error", code="teacher_failed")
+        raise RequestError(502, f"teacher '{t.name}' failed: {last}", type_="api_error", code="teacher_failed")
 
     async def _shadow(self, messages, max_tokens: int, temperature: float, category: str, teacher_text: str,
                       record: dict[str, Any]) -> None:

@@ -30,6 +30,10 @@ def answer_key(teacher: Teacher, messages: list[dict[str, str]], sample: int) ->
     params = {"teacher": teacher.name, "model": teacher.model, "temperature": teacher.temperature,
               "max_tokens": teacher.max_tokens, "logprobs": teacher.logprobs, "top_logprobs": teacher.top_logprobs,
               "sample": sample, "messages": messages}
+    # Options that change the answer join the key only when set, so caches made before they existed stay valid.
+    for name in ("reasoning_effort", "response_format", "extra_body"):
+        if getattr(teacher, name):
+            params[name] = getattr(teacher, name)
     return hashlib.sha256(json.dumps(params, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 

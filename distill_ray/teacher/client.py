@@ -1,10 +1,17 @@
 """An async client for one OpenAI-compatible teacher: leases, retries, and answers captured whole.
 
 Retried, with jittered exponential backoff that honours Retry-After: 429 (which also slows the
-shared limiter), 408, 409, 5xx, timeouts, connection resets, and 200s whose body is malformed or
+shared ledger), 408, 409, 5xx, timeouts, connection resets, and 200s whose body is malformed or
 truncated. When retries run out the answer carries its `error`. Refused at once: 401/403 (the key)
 and 404 (the URL or model) raise `TeacherRejected`, which stops the job; 400/413/422 fail that row
-without retrying (the same request would fail again).
+without retrying (the same request would fail again). A 400 that names a request parameter (a
+reasoning model refusing `max_tokens`, say) is `error_kind` "request_shape": the step's preflight
+request turns it into exit 2, quoting the API, before any fan-out.
+
+The request is what the teacher's config says: OpenAI's or Azure OpenAI's URL and key header,
+`max_tokens` or `max_completion_tokens`, `reasoning_effort`, `response_format`, `extra_body`,
+`extra_headers`, logprobs or not. Usage keeps cached prompt tokens and reasoning tokens, and the
+cost prices each (reasoning tokens are output tokens, as providers bill them).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class Answer:
     top_logprobs: list[list[dict[str, Any]]] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the provider's prompt cache
+    reasoning_tokens: int = 0  # of completion_tokens, spent thinking (not in the text)
     finish_reason: str | None = None
     latency_s: float = 0.0
     attempts: int = 0
@@ -55,9 +64,13 @@ class _Retryable(Exception):
 
 
 class _RowError(Exception):
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, param: str | None = None):
         super().__init__(message)
-        self.kind = kind
+        self.kind, self.param = kind, param
+
+
+# Parameters a 400 may name that are about the row, not the request's shape.
+ROW_PARAMS = {None, "", "messages", "prompt", "input"}
 
 
 def estimate_tokens(messages: list[dict[str, str]]) -> int:
@@ -65,8 +78,61 @@ def estimate_tokens(messages: list[dict[str, str]]) -> int:
     return sum(len(m.get("content") or "") for m in messages) // 4 + 4 * len(messages) + 3
 
 
-def cost_usd(teacher: Teacher, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * teacher.price_per_1m_input_tokens + completion_tokens * teacher.price_per_1m_output_tokens) / 1e6
+def cost_usd(teacher: Teacher, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+             batch: bool = False) -> float:
+    """Dollars for one answer: uncached and cached prompt tokens, and completion tokens (reasoning
+    tokens included), at the online or the batch price."""
+    cached = min(cached_tokens, prompt_tokens)
+    cached_price = teacher.price_per_1m_cached_input_tokens
+    if cached_price is None:
+        cached_price = teacher.price_per_1m_input_tokens
+    dollars = ((prompt_tokens - cached) * teacher.price_per_1m_input_tokens + cached * cached_price
+               + completion_tokens * teacher.price_per_1m_output_tokens) / 1e6
+    return dollars * (teacher.batch_price_factor if batch else 1.0)
+
+
+def chat_url(teacher: Teacher) -> str:
+    """Where chat requests go: OpenAI's path, or Azure OpenAI's deployment path with its api-version."""
+    if teacher.api == "azure":
+        return f"{teacher.base_url}/openai/deployments/{teacher.model}/chat/completions?api-version={teacher.api_version}"
+    return f"{teacher.base_url}/chat/completions"
+
+
+def auth_headers(teacher: Teacher, api_key: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", **teacher.extra_headers}
+    if api_key:
+        if teacher.api == "azure":
+            headers["api-key"] = api_key
+        else:
+            headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def request_body(teacher: Teacher, messages: list[dict[str, str]], sample: int = 0) -> dict[str, Any]:
+    """The chat.completions request body the teacher's config asks for."""
+    t = teacher
+    body: dict[str, Any] = {"model": t.model, "messages": messages, t.token_limit_param: t.max_tokens}
+    if t.temperature is not None:
+        body["temperature"] = t.temperature
+    if t.logprobs:
+        body["logprobs"] = True
+        if t.top_logprobs:
+            body["top_logprobs"] = t.top_logprobs
+    if t.samples > 1:
+        body["seed"] = sample  # distinct samples of one prompt
+    if t.reasoning_effort is not None:
+        body["reasoning_effort"] = t.reasoning_effort
+    if t.response_format is not None:
+        body["response_format"] = t.response_format
+    body.update(t.extra_body)
+    return body
+
+
+def usage_of(usage: dict[str, Any]) -> dict[str, int | None]:
+    """Token counts of an OpenAI usage object (cached and reasoning tokens as 0 when not reported)."""
+    return {"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "cached_tokens": int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+            "reasoning_tokens": int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)}
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -98,14 +164,12 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         logprobs.append(float(item.get("logprob", 0.0)))
         tops.append([{"token": t.get("token", ""), "logprob": float(t.get("logprob", 0.0))}
                      for t in item.get("top_logprobs") or []])
-    usage = body.get("usage") or {}
     return {"completion": content, "tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
-            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "finish_reason": choice.get("finish_reason")}
+            **usage_of(body.get("usage") or {}), "finish_reason": choice.get("finish_reason")}
 
 
 class TeacherClient:
-    """Sends chat requests to one teacher through its cluster-wide limiter (a `LeaseClient`)."""
+    """Sends chat requests to one teacher through its ledger (a `LeaseClient`; None: no limits)."""
 
     def __init__(self, teacher: Teacher, api_key: str | None, limiter: Any | None, session: aiohttp.ClientSession,
                  rng: random.Random | None = None):
@@ -113,27 +177,13 @@ class TeacherClient:
         self.limiter = limiter
         self.session = session
         self.rng = rng or random.Random()
-        self.url = f"{teacher.base_url}/chat/completions"
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
-
-    def request_body(self, messages: list[dict[str, str]], sample: int) -> dict[str, Any]:
-        t = self.teacher
-        body: dict[str, Any] = {"model": t.model, "messages": messages, "temperature": t.temperature,
-                                "max_tokens": t.max_tokens}
-        if t.logprobs:
-            body["logprobs"] = True
-            if t.top_logprobs:
-                body["top_logprobs"] = t.top_logprobs
-        if t.samples > 1:
-            body["seed"] = sample  # distinct samples of one prompt
-        return body
+        self.url = chat_url(teacher)
+        self.headers = auth_headers(teacher, api_key)
 
     async def complete(self, messages: list[dict[str, str]], sample: int = 0, idempotency_key: str | None = None) -> Answer:
         """Ask until answered, a row error, or retries run out; never raises but for TeacherRejected."""
         t = self.teacher
-        body = json.dumps(self.request_body(messages, sample))
+        body = json.dumps(request_body(t, messages, sample))
         headers = dict(self.headers)
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key  # honoured by APIs that support it
@@ -151,7 +201,8 @@ class TeacherClient:
                 parsed = await self._send(body, headers)
                 prompt_tokens = parsed["prompt_tokens"] or estimate_tokens(messages)
                 completion_tokens = parsed["completion_tokens"] or max(1, len(parsed["completion"]) // 4)
-                used, cost = prompt_tokens + completion_tokens, cost_usd(t, prompt_tokens, completion_tokens)
+                used = prompt_tokens + completion_tokens
+                cost = cost_usd(t, prompt_tokens, completion_tokens, parsed["cached_tokens"])
                 answer = Answer(**{**parsed, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
                                 attempts=attempt, cost_usd=cost, latency_s=time.monotonic() - start)
                 return answer
@@ -163,6 +214,7 @@ class TeacherClient:
                     self.limiter.throttle(exc.retry_after if exc.retry_after is not None else backoff)
             except _RowError as exc:
                 answer.error, answer.error_kind = str(exc), exc.kind
+                answer.latency_s = time.monotonic() - start
                 return answer
             finally:
                 if self.limiter is not None:
@@ -181,7 +233,7 @@ class TeacherClient:
                 status = response.status
                 if status == 200:
                     return parse_body(raw)
-                message = _error_message(raw)
+                message, param, code = _error_detail(raw)
                 if status in FATAL_STATUS:
                     what = "the API key" if status in (401, 403) else "the base_url or model"
                     raise TeacherRejected(
@@ -190,6 +242,9 @@ class TeacherClient:
                     )
                 if status in RETRYABLE_STATUS or status >= 500:
                     raise _Retryable(str(status), f"HTTP {status}: {message}", _retry_after(response.headers))
+                if param not in ROW_PARAMS or code in ("unsupported_parameter", "unsupported_value"):
+                    raise _RowError("request_shape", f"HTTP {status}: {message}"
+                                    + (f" (param: {param})" if param else ""), param)
                 raise _RowError(str(status), f"HTTP {status}: {message}")
         except TimeoutError as exc:
             raise _Retryable("timeout", f"no answer within {self.teacher.timeout_s}s") from exc
@@ -198,8 +253,10 @@ class TeacherClient:
             raise _Retryable("connection", f"connection error: {type(exc).__name__}") from exc
 
 
-def _error_message(raw: bytes) -> str:
+def _error_detail(raw: bytes) -> tuple[str, str | None, str | None]:
+    """The API's error message, and the `param` and `code` it names (OpenAI's error shape)."""
     try:
-        return str(json.loads(raw)["error"]["message"])[:200]
+        error = json.loads(raw)["error"]
+        return str(error["message"])[:500], error.get("param"), error.get("code")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        return raw[:200].decode("utf-8", "replace").strip() or "no body"
+        return raw[:200].decode("utf-8", "replace").strip() or "no body", None, None

@@ -11,3 +11,7 @@ class MissingInput(ValueError):
 
 class BudgetReached(RuntimeError):
     """generate stopped before exceeding budget_usd; resumable: exit 1."""
+
+
+class TeacherStalled(RuntimeError):
+    """No answer arrived and no row ended for generate.stall_timeout_s; resumable: exit 1."""

@@ -26,12 +26,12 @@ import ray.data
 
 from distill_ray.config.schema import Generate, PipelineConfig, Task, Teacher
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
-from distill_ray.ray_env import init_ray, on_this_node
+from distill_ray.ray_env import init_ray
 from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, answer_key
 from distill_ray.teacher.client import TeacherClient
-from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected
-from distill_ray.teacher.limiter import LeaseClient, RateLimiter
+from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected, TeacherStalled
+from distill_ray.teacher.ledger import LeaseClient, open_ledger, read_spend, spend_by_step
 
 STEP = "teacher"
 RESULT_SCHEMA = pa.schema([("key", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
@@ -42,9 +42,14 @@ ANSWER_SCHEMA = pa.schema([
     ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ("completion", pa.string()), ("tokens", pa.list_(pa.string())), ("token_logprobs", pa.list_(pa.float64())),
     ("top_logprobs", pa.string()), ("mean_logprob", pa.float64()), ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()), ("cost_usd", pa.float64()), ("latency_s", pa.float64()),
+    ("completion_tokens", pa.int64()), ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64()),
+    ("cost_usd", pa.float64()), ("latency_s", pa.float64()),
     ("attempts", pa.int64()), ("finish_reason", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
 ])
+
+
+ANSWER_FIELDS = ("completion", "tokens", "token_logprobs", "prompt_tokens", "completion_tokens", "cached_tokens",
+                 "reasoning_tokens", "cost_usd", "latency_s", "attempts", "finish_reason")
 
 
 def teacher_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -56,10 +61,14 @@ def teacher_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str,
 
 
 class TeacherWorker:
-    """A Ray Data actor: sends its batches' prompts concurrently and caches each answer on arrival."""
+    """A Ray Data actor: sends its batches' prompts concurrently and caches each answer on arrival.
 
-    def __init__(self, teacher_json: dict[str, Any], workdir: str, limiter: Any, lease_batch: int,
-                 cache_parts: tuple[str, ...] | None = None):
+    Before sending, it claims its batch's answer keys from the ledger: a key answered already in this
+    run (a batch Ray Data runs again after a node loss) is not sent again.
+    """
+
+    def __init__(self, teacher_json: dict[str, Any], workdir: str, ledger: Any, lease_batch: int, step: str,
+                 lease_ttl_s: float, cache_parts: tuple[str, ...] | None = None):
         self.teacher = Teacher.model_validate(teacher_json)
         env = self.teacher.api_key_env
         api_key = os.environ.get(env) if env else None
@@ -67,9 +76,11 @@ class TeacherWorker:
             raise TeacherRejected(f"environment variable {env} (teachers[].api_key_env) is not set on this node")
         self.cache = AnswerCache(Workdir(workdir), self.teacher.name, cache_parts)
         self.cache_lock = threading.Lock()
-        self.node = ray.get_runtime_context().get_node_id()[:12]
+        context = ray.get_runtime_context()
+        self.node = context.get_node_id()[:12]
         self.api_key = api_key
-        self.leases = LeaseClient(limiter, lease_batch)  # shared by this worker's concurrent batches
+        self.leases = LeaseClient(ledger, lease_batch, holder=f"worker:{context.get_actor_id()}", step=step,
+                                  ttl_s=lease_ttl_s)  # shared by this worker's concurrent batches
         self.active = 0
         self.client: TeacherClient | None = None
         self.loop = asyncio.new_event_loop()
@@ -89,7 +100,9 @@ class TeacherWorker:
         self.active += 1
         client = self.client
         try:
-            return list(await asyncio.gather(*(self._one(client, row) for row in rows)))
+            send, done = await self._claim(rows)
+            answered = await asyncio.gather(*(self._one(client, row) for row in send))
+            return done + list(answered)
         finally:
             self.active -= 1
             self.leases.flush()
@@ -100,6 +113,33 @@ class TeacherWorker:
                 self.client = None
                 await client.session.close()
 
+    async def _claim(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The rows to send, and the results of rows not to send (answered already in this run)."""
+        by_key = {row["key"]: row for row in rows}
+        send: list[dict[str, Any]] = []
+        done: list[dict[str, Any]] = []
+        waiting = list(by_key)
+        while waiting:
+            claim = await self.leases.claim(waiting)
+            answered = set(claim["answered"])
+            if claim["recheck"]:
+                # Their last holder died asking: the answer may have reached the cache just before.
+                cached = await asyncio.to_thread(self.cache.load)
+                for key in claim["recheck"]:
+                    if key in cached:
+                        answered.add(key)
+                        self.leases.done(key, True)
+            done += [self._result(key, None, None, 0.0, 0) for key in answered]
+            send += [by_key[k] for k in claim["send"] if k not in answered]
+            waiting = claim["busy"]
+            if waiting:  # another live worker is asking for these right now: wait for its outcome
+                await asyncio.sleep(0.5)
+        return send, done
+
+    def _result(self, key: str, error: str | None, kind: str | None, cost: float, attempts: int) -> dict[str, Any]:
+        return {"key": key, "error": error, "error_kind": kind, "cost_usd": cost, "attempts": attempts,
+                "node": self.node}
+
     async def _one(self, client: TeacherClient, row: dict[str, Any]) -> dict[str, Any]:
         answer = await client.complete(json.loads(row["request"]), row["sample"], idempotency_key=row["key"])
         if answer.error is None:
@@ -107,8 +147,8 @@ class TeacherWorker:
                       "sample": row["sample"], "node": self.node, **answer.to_dict()}
             with self.cache_lock:
                 self.cache.put(record)
-        return {"key": row["key"], "error": answer.error, "error_kind": answer.error_kind,
-                "cost_usd": answer.cost_usd, "attempts": answer.attempts, "node": self.node}
+        self.leases.done(row["key"], answer.error is None)  # after the answer is durable
+        return self._result(row["key"], answer.error, answer.error_kind, answer.cost_usd, answer.attempts)
 
 
 def _load_prompts(workdir: Workdir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -162,23 +202,22 @@ def run_generate(config: PipelineConfig, echo: Callable[[str], None] = print) ->
     t0 = time.perf_counter()
     rows_out: list[dict[str, Any]] = []
     report: dict[str, Any] = {"teachers": {}}
-    spent_before_total = 0.0
-    budget_left = config.budget_usd
     stopped_by_budget = False
     for teacher in config.teachers:
-        result = _generate_one(config, teacher, prompts, workdir, budget_left, echo)
+        result = _generate_one(config, teacher, prompts, workdir, echo)
         rows_out.extend(result.pop("rows"))
         report["teachers"][teacher.name] = result
-        spent_before_total += result["spent_usd_total"]
-        if budget_left is not None:
-            budget_left = max(0.0, budget_left - result["spent_usd_total"])
         stopped_by_budget |= result["errors_by_kind"].get("budget", 0) > 0
 
     workdir.write_table(pa.Table.from_pylist(rows_out, schema=ANSWER_SCHEMA), STEP, "answers")
     errors = Counter(r["error_kind"] for r in rows_out if r["error"])
+    ledgers = {t.name: read_spend(workdir, t.name) for t in config.teachers}
+    spent_all = sum(ledger["spent_usd"] for ledger in ledgers.values())
     report.update({
         "rows": len(rows_out), "answered": len(rows_out) - sum(errors.values()), "errors_by_kind": dict(errors),
-        "spent_usd_total": round(spent_before_total, 6), "budget_usd": config.budget_usd,
+        "spent_usd_total": round(sum(t["spent_usd_total"] for t in report["teachers"].values()), 6),
+        "spent_usd_all_steps": round(spent_all, 6), "budget_usd": config.budget_usd,
+        "spend_by_step": spend_by_step(workdir, [t.name for t in config.teachers]),
         "estimate_rest_usd": round(sum(t["estimate_rest_usd"] for t in report["teachers"].values()), 6),
     })
     workdir.write_json(report, STEP, "report.json")
@@ -188,14 +227,15 @@ def run_generate(config: PipelineConfig, echo: Callable[[str], None] = print) ->
     manifest = write_manifest(workdir, record, status)
     echo(summary(report, workdir.uri_of(STEP), status))
     if stopped_by_budget:
-        raise BudgetReached(f"generate stopped at budget_usd={config.budget_usd}: spent ${spent_before_total:.4f}; "
-                            f"{errors['budget']} answers not asked (about ${report['estimate_rest_usd']:.4f} more). "
-                            "Raise budget_usd and run again to resume; nothing paid for is asked again.")
+        raise BudgetReached(f"generate stopped at budget_usd={config.budget_usd}: ${spent_all:.4f} spent on the "
+                            f"teachers by every step so far; {errors['budget']} answers not asked (about "
+                            f"${report['estimate_rest_usd']:.4f} more). Raise budget_usd and run again to resume; "
+                            "nothing paid for is asked again.")
     return manifest
 
 
 def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[str, Any]], workdir: Workdir,
-                  budget_left: float | None, echo: Callable[[str], None]) -> dict[str, Any]:
+                  echo: Callable[[str], None]) -> dict[str, Any]:
     work = []
     for prompt in prompts:
         messages = teacher_messages(config.task, prompt["messages"])
@@ -203,10 +243,11 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
             key = answer_key(teacher, messages, sample)
             work.append({"key": key, "sample": sample, "request": json.dumps(messages, ensure_ascii=False),
                          "prompt": prompt})
-    asked = ask_teacher(teacher, work, workdir, config.generate, budget_left, echo, label=f"generate[{teacher.name}]",
-                        limit=config.generate.limit)
+    asked = ask_teacher(teacher, work, workdir, config.generate, config.budget_usd, echo,
+                        label=f"generate[{teacher.name}]", step="generate", limit=config.generate.limit,
+                        other_teachers=[t.name for t in config.teachers if t.name != teacher.name],
+                        mode=config.generate.mode)
     answers, results, nodes = asked["answers"], asked["results"], asked["nodes"]
-    cached_count, spent_before = asked["cached_before"], asked["spent_before"]
     rows, errors = [], Counter()
     for w in work:
         prompt, answer = w["prompt"], answers.get(w["key"])
@@ -215,118 +256,189 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
                 "sample": w["sample"], "messages": prompt["messages"]}
         if answer is not None:
             logprobs = answer.get("token_logprobs") or []
-            rows.append({**base, **{k: answer.get(k) for k in ("completion", "tokens", "token_logprobs", "prompt_tokens",
-                                                                  "completion_tokens", "cost_usd", "latency_s",
-                                                                  "attempts", "finish_reason")},
+            rows.append({**base, **{k: answer.get(k) for k in ANSWER_FIELDS},
                          "top_logprobs": json.dumps(answer.get("top_logprobs") or []),
                          "mean_logprob": sum(logprobs) / len(logprobs) if logprobs else None,
                          "error": None, "error_kind": None})
         else:
             failed = results.get(w["key"])
-            kind = failed["error_kind"] if failed else "not_sent"
-            error = failed["error"] if failed else "not asked in this run (generate.limit)"
+            kind = (failed or {}).get("error_kind") or "not_sent"
+            error = (failed or {}).get("error") or "not asked in this run (generate.limit, or the run stopped)"
             errors[kind] += 1
             rows.append({**base, "error": error, "error_kind": kind, "attempts": failed["attempts"] if failed else 0,
                          "cost_usd": 0.0})
-    spent_total = sum(a.get("cost_usd") or 0.0 for a in answers.values())
-    mean_cost = spent_total / len(answers) if answers else 0.0
+    cached_spend = sum(a.get("cost_usd") or 0.0 for a in answers.values())
+    mean_cost = cached_spend / len(answers) if answers else 0.0
     return {
-        "rows": rows, "answers_needed": len(work), "cached_before": cached_count,
+        "rows": rows, "answers_needed": len(work), "cached_before": asked["cached_before"],
         "asked": len(results), "answered_now": sum(1 for r in results.values() if not r["error"]),
-        "errors_by_kind": dict(errors), "spent_usd_this_run": round(spent_total - spent_before, 6),
-        "spent_usd_total": round(spent_total, 6), "estimate_rest_usd": round(mean_cost * sum(errors.values()), 6),
-        "calls_by_node": dict(nodes),
+        "errors_by_kind": dict(errors), "spent_usd_this_run": round(asked["spent_this_run"], 6),
+        "spent_usd_total": round(asked["spent_step_total"], 6),
+        "estimate_rest_usd": round(mean_cost * sum(errors.values()), 6), "calls_by_node": dict(nodes),
+        "ledger": asked["ledger"], **({"batch": asked["batch"]} if asked.get("batch") else {}),
     }
 
 
 def ask_teacher(teacher: Teacher, work: list[dict[str, Any]], workdir: Workdir, generate: Generate,
-                budget_left: float | None, echo: Callable[[str], None], *, label: str,
-                cache_parts: tuple[str, ...] | None = None, limit: int | None = None) -> dict[str, Any]:
+                budget_usd: float | None, echo: Callable[[str], None], *, label: str, step: str,
+                other_teachers: list[str] = (), cache_parts: tuple[str, ...] | None = None,
+                limit: int | None = None, mode: str = "online") -> dict[str, Any]:
     """Ask a teacher for every request of `work` ({key, sample, request: JSON messages}) not yet in
-    its cache: one preflight call from the driver, then Ray Data workers under one rate limiter,
-    every answer durable on arrival. Used by generate, and by eval's LLM judge (`cache_parts`).
+    its cache: one preflight call from the driver, then Ray Data workers (or, in mode "batch", the
+    provider's Batch API), all drawing on the teacher's one ledger, every answer durable on arrival.
+    Used by generate, and by eval's LLM judge (`cache_parts`, step "eval_judge").
+
+    `budget_usd` caps what every step has spent on every teacher (the ledgers persisted in the
+    workdir, `other_teachers` included).
 
     Returns answers (every cached answer by key), results (this run's outcome by key, errors
-    included), nodes (calls per node), cached_before, spent_before.
+    included), nodes (calls per node), cached_before, spent_this_run, spent_step_total, ledger.
+
+    Raises:
+        TeacherRejected: the teacher refused the key, URL, model or the request's shape (exit 2).
+        TeacherStalled: no progress for generate.stall_timeout_s (exit 1).
     """
     cache = AnswerCache(workdir, teacher.name, cache_parts)
     cached = cache.load()
     pending = [w for w in work if w["key"] not in cached]
     if limit is not None:
         pending = pending[:limit]
-    spent_before = sum(r.get("cost_usd") or 0.0 for r in cached.values())
     cached_count = sum(1 for w in work if w["key"] in cached)
     echo(f"{label}: {len(work)} answers needed, {cached_count} cached, "
          f"{len(pending)} to ask {teacher.base_url} (model {teacher.model})")
     results: dict[str, dict[str, Any]] = {}
     nodes: Counter[str] = Counter()
-    if pending:
-        # One request from the driver first: a bad key, URL or model stops here, before any fan-out.
-        first = _preflight(teacher, workdir, pending[0], budget_left - spent_before if budget_left is not None else None,
-                           cache_parts)
-        results[first["key"]] = first
-        nodes[first["node"]] += 1
-        pending = pending[1:]
-    if pending:
-        init_ray()
-        limiter = RateLimiter.options(scheduling_strategy=on_this_node()).remote(
-            teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_concurrency,
-            budget_left - spent_before if budget_left is not None else None)
-        ds = ray.data.from_items([{"key": w["key"], "sample": w["sample"], "request": w["request"]} for w in pending])
-        mapped = ds.map_batches(
-            TeacherWorker, batch_size=generate.batch_size, batch_format="pyarrow",
-            # Several batches per worker at once: their __call__ threads hand the rows to the worker's
-            # event loop (true multi-threading, or Ray Data would run one UDF call at a time per actor).
-            compute=ray.data.ActorPoolStrategy(size=generate.num_workers,
-                                               max_concurrent_calls_per_actor=generate.batches_per_worker,
-                                               enable_true_multi_threading=True),
-            fn_constructor_kwargs={"teacher_json": teacher.model_dump(mode="json"), "workdir": workdir.uri,
-                                   "limiter": limiter, "lease_batch": _lease_batch(teacher, generate),
-                                   "cache_parts": cache_parts},
-            num_cpus=0.5, scheduling_strategy=generate.scheduling_strategy,
-        )
-        progress = _Progress(label, limiter, len(pending), spent_before, results, generate.progress_every_s, echo)
+    init_ray()
+    other_spend = sum(read_spend(workdir, name)["spent_usd"] for name in other_teachers)
+    ledger = open_ledger(teacher, workdir, budget_usd, generate.lease_ttl_s, other_spend)
+    before = ray.get(ledger.begin_run.remote())
+    out: dict[str, Any] = {}
+    try:
+        if pending and mode == "batch":
+            from distill_ray.teacher.batch import run_batch
+
+            out["batch"] = run_batch(teacher, pending, workdir, generate, ledger, echo, label=label, step=step,
+                                     results=results, cache_parts=cache_parts)
+            nodes["batch"] += len(results)
+        elif pending:
+            # One request from the driver first: a bad key, URL, model or request shape stops here,
+            # before any fan-out.
+            first = _preflight(teacher, workdir, pending[0], ledger, step, generate.lease_ttl_s, cache_parts)
+            results[first["key"]] = first
+            nodes[first["node"]] += 1
+            pending = pending[1:]
+        if pending and mode != "batch":
+            _fan_out(teacher, pending, workdir, generate, ledger, echo, label, step, cache_parts, results, nodes,
+                     before)
+    finally:
+        state = ray.get(ledger.persist.remote())
+    step_row = state["by_step"].get(step, {})
+    return {"answers": cache.load(), "results": results, "nodes": nodes, "cached_before": cached_count,
+            "spent_this_run": state["spent_usd"] - before["spent_usd"],
+            "spent_step_total": step_row.get("spent_usd", 0.0),
+            "ledger": {k: state[k] for k in ("spent_usd", "reclaimed", "expired_holders", "expired_slots",
+                                             "skipped_answered", "throttled")},
+            **out}
+
+
+def _fan_out(teacher: Teacher, pending: list[dict[str, Any]], workdir: Workdir, generate: Generate, ledger: Any,
+             echo: Callable[[str], None], label: str, step: str, cache_parts: tuple[str, ...] | None,
+             results: dict[str, dict[str, Any]], nodes: Counter[str], before: dict[str, Any]) -> None:
+    """Ray Data workers ask for `pending`; results land in `results` as batches end."""
+    ds = ray.data.from_items([{"key": w["key"], "sample": w["sample"], "request": w["request"]} for w in pending])
+    mapped = ds.map_batches(
+        TeacherWorker, batch_size=generate.batch_size, batch_format="pyarrow",
+        # Several batches per worker at once: their __call__ threads hand the rows to the worker's
+        # event loop (true multi-threading, or Ray Data would run one UDF call at a time per actor).
+        compute=ray.data.ActorPoolStrategy(size=generate.num_workers,
+                                           max_concurrent_calls_per_actor=generate.batches_per_worker,
+                                           enable_true_multi_threading=True),
+        fn_constructor_kwargs={"teacher_json": teacher.model_dump(mode="json"), "workdir": workdir.uri,
+                               "ledger": ledger, "lease_batch": _lease_batch(teacher, generate), "step": step,
+                               "lease_ttl_s": generate.lease_ttl_s, "cache_parts": cache_parts},
+        num_cpus=0.5, scheduling_strategy=generate.scheduling_strategy,
+    )
+    failure: list[BaseException] = []
+
+    def consume() -> None:
         try:
             for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
                 for r in batch.to_pylist():
                     results[r["key"]] = r
                     nodes[r["node"]] += 1
-        except Exception as exc:
-            rejected = _rejection(exc)
-            if rejected is not None:
-                raise rejected from None
-            raise
-        finally:
-            progress.stop()
-            ray.kill(limiter)
-    return {"answers": cache.load(), "results": results, "nodes": nodes, "cached_before": cached_count,
-            "spent_before": spent_before}
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+            failure.append(exc)
+
+    consumer = threading.Thread(target=consume, daemon=True, name="generate-results")
+    consumer.start()
+    progress = _Progress(label, ledger, len(pending), before, results, generate.progress_every_s, echo)
+    try:
+        while consumer.is_alive():
+            consumer.join(timeout=1.0)
+            stalled = progress.stalled_for()
+            if stalled >= generate.stall_timeout_s:
+                state = progress.last_state or {}
+                raise TeacherStalled(
+                    f"{label}: no answer and no row ended for {stalled:.0f} s (generate.stall_timeout_s="
+                    f"{generate.stall_timeout_s:g}); {len(results)}/{len(pending)} rows done; in flight "
+                    f"{state.get('in_flight', '?')} held by {state.get('holders', '?')} holders, "
+                    f"{state.get('expired_holders', 0)} dead holders' leases reclaimed, "
+                    f"{state.get('throttled', 0)} 429s. Answers so far are kept: run again to resume.")
+    finally:
+        progress.stop()
+    if failure:
+        rejected = _rejection(failure[0])
+        if rejected is not None:
+            raise rejected from None
+        raise failure[0]
 
 
 class _Progress:
-    """A line every `every_s` seconds from the limiter's counters (answers arrive long before their
-    batch ends): answered, rate, in flight, row errors so far, spend, 429s."""
+    """A line every `every_s` seconds from the ledger's counters (answers arrive long before their
+    batch ends): answered, rate, in flight, row errors so far, spend, 429s. Also the driver's stall
+    clock: the last time an answer arrived or a row ended."""
 
-    def __init__(self, name: str, limiter: Any, total: int, spent_before: float, results: dict[str, Any],
+    def __init__(self, name: str, ledger: Any, total: int, before: dict[str, Any], results: dict[str, Any],
                  every_s: float, echo: Callable[[str], None]):
-        self.name, self.limiter, self.total, self.spent_before = name, limiter, total, spent_before
+        self.name, self.ledger, self.total, self.before = name, ledger, total, before
         self.results, self.every_s, self.echo = results, every_s, echo
-        self.start = time.monotonic()
+        self.start = self.moved = time.monotonic()
+        self.seen: tuple[int, int] = (-1, -1)
+        self.last_state: dict[str, Any] | None = None
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="generate-progress")
         self.thread.start()
 
+    def _poll(self) -> dict[str, Any] | None:
+        try:
+            state = ray.get(self.ledger.state.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - progress is best effort; the step reports errors itself
+            return None
+        seen = (state["ended"], len(self.results))
+        if seen != self.seen:
+            self.seen, self.moved = seen, time.monotonic()
+        self.last_state = state
+        return state
+
+    def stalled_for(self) -> float:
+        return time.monotonic() - self.moved
+
     def _loop(self) -> None:
-        while not self.done.wait(self.every_s):
-            try:
-                state = ray.get(self.limiter.state.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - progress is best effort; the step reports errors itself
+        tick = min(self.every_s, 1.0)
+        last_line = time.monotonic()
+        while not self.done.wait(tick):
+            state = self._poll()
+            if state is None or time.monotonic() - last_line < self.every_s:
                 continue
+            last_line = time.monotonic()
             elapsed = time.monotonic() - self.start
+            answered = state["answered"] - self.before["answered"]
             errors = sum(1 for r in list(self.results.values()) if r["error"])
-            self.echo(f"{self.name}: {state['answered']}/{self.total} answered, "
-                      f"{state['answered'] / elapsed:.1f}/s, {state['in_flight']} in flight, {errors} row errors, "
-                      f"${self.spent_before + state['spent_usd']:.4f} spent, {state['throttled']} 429s")
+            self.echo(f"{self.name}: {answered}/{self.total} answered, "
+                      f"{answered / elapsed:.1f}/s, {state['in_flight']} in flight, {errors} row errors, "
+                      f"${state['spent_usd']:.4f} spent on this teacher in all, {state['throttled']} 429s"
+                      + (f", {state['expired_holders']} dead workers' leases reclaimed" if state["expired_holders"]
+                         else ""))
 
     def stop(self) -> None:
         self.done.set()
@@ -338,31 +450,50 @@ def _lease_batch(teacher: Teacher, generate: Generate) -> int:
     return max(1, min(32, teacher.max_concurrency // generate.num_workers))
 
 
-def _preflight(teacher: Teacher, workdir: Workdir, item: dict[str, Any], budget: float | None,
+# What to change when a teacher refuses the request's shape: the config key for the parameter it names.
+SHAPE_ADVICE = {
+    "max_tokens": "teachers[].token_limit_param: max_completion_tokens",
+    "max_completion_tokens": "teachers[].token_limit_param: max_tokens",
+    "temperature": "teachers[].temperature: null (or the value the model accepts)",
+    "logprobs": "teachers[].logprobs: false", "top_logprobs": "teachers[].top_logprobs: 0 (or logprobs: false)",
+    "reasoning_effort": "teachers[].reasoning_effort", "response_format": "teachers[].response_format",
+    "seed": "teachers[].samples: 1",
+}
+
+
+def _preflight(teacher: Teacher, workdir: Workdir, item: dict[str, Any], ledger: Any, step: str, ttl_s: float,
                cache_parts: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Ask one prompt from the driver; raises TeacherRejected on 401/403/404."""
-    from distill_ray.teacher.client import cost_usd, estimate_tokens
-
+    """Ask one prompt from the driver, through the ledger; raises TeacherRejected on 401/403/404 and
+    when the teacher refuses the request's shape (a 400 naming a parameter)."""
     messages = json.loads(item["request"])
-    if budget is not None and cost_usd(teacher, estimate_tokens(messages), teacher.max_tokens) > budget:
-        return {"key": item["key"], "error": "budget_usd reached: not sent", "error_kind": "budget", "cost_usd": 0.0,
-                "attempts": 0, "node": "driver"}
     api_key = os.environ.get(teacher.api_key_env) if teacher.api_key_env else None
-
     quick = teacher.model_copy(update={"max_retries": min(teacher.max_retries, 2)})
+    holder = f"driver:{os.getpid()}:{time.monotonic_ns()}"
 
     async def ask() -> Any:
-        async with aiohttp.ClientSession() as session:
-            return await TeacherClient(quick, api_key, None, session).complete(messages, item["sample"], item["key"])
+        leases = LeaseClient(ledger, 1, holder=holder, step=step, ttl_s=ttl_s)
+        try:
+            async with aiohttp.ClientSession() as session:
+                answer = await TeacherClient(quick, api_key, leases, session).complete(messages, item["sample"],
+                                                                                        item["key"])
+            if answer.error is None:
+                cache = AnswerCache(workdir, teacher.name, cache_parts)
+                cache.put({"key": item["key"], "teacher": teacher.name, "model": teacher.model,
+                           "sample": item["sample"], "node": "driver", **answer.to_dict()})
+                cache.close()
+            leases.done(item["key"], answer.error is None)
+            return answer
+        finally:
+            leases.close()
 
     answer = asyncio.run(ask())
     if answer.error_kind == "connection":
         raise TeacherRejected(f"teacher '{teacher.name}': cannot reach {teacher.base_url} ({answer.error}); is it running?")
-    if answer.error is None:
-        cache = AnswerCache(workdir, teacher.name, cache_parts)
-        cache.put({"key": item["key"], "teacher": teacher.name, "model": teacher.model, "sample": item["sample"],
-                   "node": "driver", **answer.to_dict()})
-        cache.close()
+    if answer.error_kind == "request_shape":
+        param = answer.error.rsplit("(param: ", 1)[-1].rstrip(")") if "(param: " in answer.error else None
+        advice = SHAPE_ADVICE.get(param or "", f"the teacher's request options (teachers.{teacher.name})")
+        raise TeacherRejected(f"teacher '{teacher.name}' ({teacher.model}) refused the request's shape: {answer.error}. "
+                              f"Nothing more was sent; set {advice} and run again.")
     return {"key": item["key"], "error": answer.error, "error_kind": answer.error_kind, "cost_usd": answer.cost_usd,
             "attempts": answer.attempts, "node": "driver"}
 

@@ -5,7 +5,13 @@ It answers deterministically (by default the ``ORD-123456`` order number in the 
 answers 429 with ``Retry-After``), to demand an API key, and to fail on a script: per prompt, a list of
 faults for its successive attempts (5xx, 4xx, timeouts, malformed or truncated bodies, connection resets).
 A ledger counts what the teacher *billed* (each 200 with a complete, valid body), per prompt, so tests can
-check that a client never pays twice.
+check that a client never pays twice. Like most real providers it bills a repeated request again.
+
+It also plays a reasoning model (parameters it rejects as OpenAI words it, reasoning tokens and a prompt cache
+in ``usage``), Azure OpenAI's routes (``/openai/deployments/{deployment}/...?api-version=...`` with an
+``api-key`` header), and OpenAI's Files + Batches API: a JSONL of chat requests is validated, answered line by
+line over ``batch_latency_s`` (scripted faults apply per line), and written to an output and an error file;
+its lines are billed in the same ledger when the batch completes.
 
 It runs in its own process, so Ray workers and a client that gets SIGKILLed can all talk to it:
 
@@ -21,7 +27,11 @@ It runs in its own process, so Ray workers and a client that gets SIGKILLed can 
 
 By hand: ``python tests/fakes/openai_server.py --config '{"latency_s": 0.05}' --port 8000``.
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``GET /stats``,
-``POST /stats/reset`` and ``POST /config`` (merge new knob values into the running server).
+``POST /stats/reset`` and ``POST /config`` (merge new knob values into the running server); Azure's
+``POST /openai/deployments/{deployment}/chat/completions``; and, under both ``/v1`` and Azure's ``/openai``,
+``POST /files`` (multipart ``file`` + ``purpose=batch``), ``GET /files``, ``GET /files/{id}``,
+``GET /files/{id}/content``, ``POST /batches``, ``GET /batches``, ``GET /batches/{id}`` and
+``POST /batches/{id}/cancel``.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import math
 import os
 import random
 import re
+import secrets
 import selectors
 import signal
 import socket
@@ -58,6 +69,9 @@ WINDOW_S = 60.0  # the rate-limit window, as OpenAI's per-minute limits
 ERROR_FAULTS = {"500": 500, "503": 503, "408": 408, "409": 409, "400": 400, "404": 404}
 BODY_FAULTS = ("malformed", "truncated", "empty_choices")
 FAULT_KINDS = ("429", *ERROR_FAULTS, "timeout", *BODY_FAULTS, "reset", "ok")
+BATCH_ENDPOINT = "/v1/chat/completions"
+AZURE_BATCH_ENDPOINTS = (BATCH_ENDPOINT, "/chat/completions")  # Azure's batch files name the path without /v1
+BATCH_WINDOW_S = 24 * 3600  # completion_window "24h"; batches never expire in the fake
 
 _ORDER_NUMBER = re.compile(r"ORD-\d{6}", re.IGNORECASE)
 # Words and punctuation, each with the whitespace before it (as BPE tokens carry a leading space);
@@ -125,8 +139,22 @@ class FakeTeacherConfig:
         bill_abandoned: Bill an answer whose client left before receiving it, as real providers do
             (a client killed mid-request has paid for it).
         honour_idempotency_key: A request repeating the ``Idempotency-Key`` of an answer already billed
-            gets that answer again, free (``by_kind["idempotent_replay"]``).
+            gets that answer again, free (``by_kind["idempotent_replay"]``). Off by default: like most real
+            providers, the teacher bills a repeated request again.
         answer_fn: ``"module:function"`` mapping the last user message to the answer; None: order numbers.
+        unsupported_params: Body keys a reasoning model rejects (e.g. ``["max_tokens", "temperature"]``): a chat
+            request (or batch line) naming one gets a 400 worded as OpenAI's, ``code`` "unsupported_parameter"
+            (``by_kind["unsupported_parameter"]``), before any attempt is counted; never billed.
+        reasoning_tokens: Hidden reasoning tokens of each answer: counted in ``usage.completion_tokens`` and in
+            ``usage.completion_tokens_details.reasoning_tokens``. As OpenAI's ``max_completion_tokens``, the
+            answer-length limit bounds reasoning and visible tokens together (the reasoning comes first).
+        cached_prompt_tokens: A provider prompt cache: a request whose first message (e.g. the system prompt)
+            was seen before reports ``usage.prompt_tokens_details.cached_tokens`` = min(prompt tokens, this).
+        batch_max_requests: A batch whose input file has more request lines fails validation.
+        batch_max_bytes: A batch whose input file is larger fails validation (OpenAI: 200 MB).
+        batch_latency_s: Seconds from a batch's creation to its completion; its lines are answered evenly
+            over the first 90 % of it, then it is "finalizing" until the end.
+        batch_fail_all: While set, every new batch fails validation with code "batch_failed".
     """
 
     latency_s: float = 0.0
@@ -144,8 +172,15 @@ class FakeTeacherConfig:
     timeout_fault_s: float = 30.0
     model: str = "fake-teacher"
     bill_abandoned: bool = False
-    honour_idempotency_key: bool = True
+    honour_idempotency_key: bool = False
     answer_fn: str | None = None
+    unsupported_params: list[str] = field(default_factory=list)
+    reasoning_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200 * 1024**2
+    batch_latency_s: float = 1.0
+    batch_fail_all: bool = False
 
     def __post_init__(self):
         self.faults = {str(key): [str(kind) for kind in kinds] for key, kinds in self.faults.items()}
@@ -167,6 +202,18 @@ class FakeTeacherConfig:
                 raise ValueError(f"{name}: {getattr(self, name)} is a log-probability and must be <= 0")
         if self.retry_after_s < 1:
             raise ValueError(f"retry_after_s: {self.retry_after_s} must be an integer >= 1")
+        if not isinstance(self.unsupported_params, list) or not all(
+                isinstance(name, str) and name for name in self.unsupported_params):
+            raise ValueError(f"unsupported_params: {self.unsupported_params!r} must be a list of body keys, "
+                             "e.g. ['max_tokens']")
+        for name in ("reasoning_tokens", "cached_prompt_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be an integer >= 0")
+        for name in ("batch_max_requests", "batch_max_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be an integer >= 1")
+        if self.batch_latency_s < 0:
+            raise ValueError(f"batch_latency_s: {self.batch_latency_s} must be >= 0")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -186,8 +233,27 @@ def _load_answer_fn(path: str | None) -> Callable[[str], str]:
         raise ValueError(f"answer_fn: cannot import {path!r} (expected 'module:function')") from exc
 
 
-def _error_body(message: str, type_: str, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def _error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _unsupported_body(param: str) -> dict:
+    """OpenAI's 400 for a parameter a reasoning model does not take."""
+    message = f"Unsupported parameter: '{param}' is not supported with this model."
+    if param == "max_tokens":
+        message += " Use 'max_completion_tokens' instead."
+    return _error_body(message, "invalid_request_error", "unsupported_parameter", param)
+
+
+def _azure_body(status: int, message: str) -> dict:
+    # Azure's gateway answers routing and key errors in its own shape: the code is the status, as a string.
+    return {"error": {"code": str(status), "message": message}}
+
+
+_AZURE_NOT_FOUND = "Resource not found"
+_AZURE_UNAUTHORIZED = ("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
+                       "a valid key for an active subscription and use a correct regional API endpoint for your "
+                       "resource.")
 
 
 _ERRORS = {  # status -> (message, type, code), as the OpenAI API words them
@@ -201,6 +267,97 @@ _ERRORS = {  # status -> (message, type, code), as the OpenAI API words them
 }
 
 
+def _chat_request(body, deployment: str | None = None) -> tuple[list, str]:
+    """The ``messages`` and model of a chat request body (Azure: the deployment is the model).
+
+    Raises:
+        ValueError, KeyError, TypeError: The body is not a chat request.
+    """
+    if not isinstance(body, dict):
+        raise TypeError("the body must be a JSON object")
+    messages = body["messages"]
+    model = deployment if deployment is not None else str(body["model"])
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("'messages' must be a non-empty list of objects")
+    return messages, model
+
+
+@dataclass
+class _Batch:
+    """One batch: its wire object (updated in place as it runs) and the lines it has answered so far."""
+
+    info: dict
+    started: float  # time.monotonic() at creation
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set by a cancel
+    task: asyncio.Task | None = None
+    output_lines: list[str] = field(default_factory=list)
+    error_lines: list[str] = field(default_factory=list)
+    billable: list[tuple[str, dict]] = field(default_factory=list)  # (prompt key, usage) of each answered line
+
+
+def _batch_error(code: str, message: str, line: int | None = None, param: str | None = None) -> dict:
+    return {"code": code, "message": message, "param": param, "line": line}
+
+
+def parse_batch_input(content: bytes, endpoint: str, max_requests: int, max_bytes: int) -> tuple[list, list]:
+    """Validate a batch input file as OpenAI does before it runs anything.
+
+    Args:
+        content: The JSONL file: one ``{"custom_id", "method": "POST", "url", "body"}`` per line.
+        endpoint: The batch's endpoint, which every line's ``url`` must name.
+        max_requests: The most request lines a batch may hold.
+        max_bytes: The largest input file a batch may read.
+
+    Returns:
+        (the request lines, the errors: ``{"code", "message", "param", "line"}`` with 1-based line numbers);
+        the lines are only good to run when there are no errors.
+    """
+    if len(content) > max_bytes:
+        return [], [_batch_error("file_too_large", f"The input file is {len(content)} bytes; a batch reads "
+                                 f"at most {max_bytes} bytes.")]
+    numbered = [(number, raw) for number, raw in enumerate(content.splitlines(), 1) if raw.strip()]
+    if not numbered:
+        return [], [_batch_error("empty_file", "The input file has no request lines.")]
+    if len(numbered) > max_requests:
+        return [], [_batch_error("too_many_requests", f"The input file has {len(numbered)} requests; a batch "
+                                 f"holds at most {max_requests}.")]
+    lines, errors, custom_ids, first_model = [], [], set(), None
+    for number, raw in numbered:
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            errors.append(_batch_error("invalid_json_line", "This line is not parseable as valid JSON.", number))
+            continue
+        missing = [name for name in ("custom_id", "method", "url", "body") if not isinstance(line, dict)
+                   or name not in line]
+        if missing:
+            errors.append(_batch_error("missing_required_parameter", f"Missing required parameter: "
+                                       f"'{missing[0]}'.", number, missing[0]))
+        elif not isinstance(line["custom_id"], str):
+            errors.append(_batch_error("invalid_custom_id", "The custom_id must be a string.", number, "custom_id"))
+        elif line["custom_id"] in custom_ids:
+            errors.append(_batch_error("duplicate_custom_id", "The custom_id for this request is a duplicate of "
+                                       "another request. The custom_id parameter must be unique for each request "
+                                       "in a batch.", number, "custom_id"))
+        elif line["method"] != "POST":
+            errors.append(_batch_error("invalid_method", f"The method {line['method']!r} is not supported; "
+                                       "use 'POST'.", number, "method"))
+        elif line["url"] != endpoint:
+            errors.append(_batch_error("invalid_url", f"The URL {line['url']!r} of this request does not match "
+                                       f"the batch endpoint {endpoint!r}.", number, "url"))
+        elif not isinstance(line["body"], dict):
+            errors.append(_batch_error("invalid_body", "The body must be a JSON object.", number, "body"))
+        elif first_model is not None and line["body"].get("model", first_model) != first_model:
+            errors.append(_batch_error("mismatched_model", f"The model {line['body']['model']!r} differs from "
+                                       f"{first_model!r} of the lines before it; all lines of a batch must name "
+                                       "the same model.", number, "body.model"))
+        else:
+            custom_ids.add(line["custom_id"])
+            first_model = first_model if first_model is not None else line["body"].get("model")
+            lines.append(line)
+    return lines, errors
+
+
 class FakeTeacherServer:
     """The server's state and handlers, in one process (``FakeTeacher`` runs it in another)."""
 
@@ -211,6 +368,9 @@ class FakeTeacherServer:
         self.pending = 0  # admitted by the rate limiter, not yet answered
         self.pending_tokens = 0
         self.completions = 0
+        self.files: dict[str, dict] = {}  # file id -> {"object": the file object, "content": bytes}
+        self.batches: dict[str, _Batch] = {}  # in creation order
+        self.ids: Counter[str] = Counter()  # per id prefix; never reset, so ids stay unique
         self.reset()
 
     def reset(self) -> None:
@@ -228,10 +388,32 @@ class FakeTeacherServer:
         self.window: deque[tuple[float, int]] = deque()  # (monotonic time, tokens) of billed answers
         self.window_tokens = 0
         self.idempotent: dict[str, dict] = {}  # Idempotency-Key -> the answer billed for it
+        self.reasoning_tokens = 0
+        self.cached_tokens = 0
+        self.prompt_cache: set[str] = set()  # prompt_key of the first message of each prompt processed
+        self.last_request_keys: list[str] | None = None
+        self.last_request_headers: dict[str, str] | None = None
+        for batch in self.batches.values():
+            if batch.task is not None:
+                batch.task.cancel()
+        self.batches = {}
+        self.batches_created = 0
+        self.batch_lines_billed = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
+        # Room for a batch input file over the default batch_max_bytes, so that its validation can refuse it.
+        app = web.Application(client_max_size=256 * 1024**2)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure_chat_completions)
+        for prefix, route in (("/v1", self._openai_route), ("/openai", self._azure_route)):
+            app.router.add_post(f"{prefix}/files", route(self.create_file))
+            app.router.add_get(f"{prefix}/files", route(self.list_files))
+            app.router.add_get(f"{prefix}/files/{{file_id}}", route(self.retrieve_file))
+            app.router.add_get(f"{prefix}/files/{{file_id}}/content", route(self.file_content))
+            app.router.add_post(f"{prefix}/batches", route(self.create_batch))
+            app.router.add_get(f"{prefix}/batches", route(self.list_batches))
+            app.router.add_get(f"{prefix}/batches/{{batch_id}}", route(self.retrieve_batch))
+            app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", route(self.cancel_batch))
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
@@ -248,10 +430,18 @@ class FakeTeacherServer:
         """The ledger since the last reset.
 
         ``answered``/``billed_per_prompt`` count 200s with a complete, valid body that reached the client
-        (keys: ``prompt_key(messages)``); ``by_kind`` counts what happened to each chat request: a fault's
-        name, "ok" (billed), "rate_limited", "abandoned" (the client left before the answer, so not billed),
-        "unauthorized", "bad_request"; ``answered_timestamps`` are ``time.monotonic()`` of each billed answer
-        (system-wide on Linux, so comparable with the client's clock); ``now`` is the server's monotonic clock.
+        (keys: ``prompt_key(messages)``), batch lines included; ``by_kind`` counts what happened to each chat
+        request and batch line: a fault's name, "ok" (billed), "rate_limited", "abandoned" (the client left
+        before the answer, so not billed), "unauthorized", "bad_request", "unsupported_parameter"; and "azure"
+        for each chat request on Azure's route. ``by_status`` counts the statuses of chat (and models)
+        responses, not of file and batch calls. ``answered_timestamps`` are ``time.monotonic()`` of each billed
+        live answer (system-wide on Linux, so comparable with the client's clock); ``now`` is the server's
+        monotonic clock. ``prompt_tokens``, ``completion_tokens`` (reasoning included), ``reasoning_tokens`` and
+        ``cached_tokens`` total the billed usage. ``last_request_keys`` are the sorted body keys of the last
+        chat request, ``last_request_headers`` its ``X-*``, ``api-key`` (value masked: "***") and
+        ``OpenAI-Organization`` headers, names lower-cased (both None before any chat request).
+        ``batches_created``, ``batch_lines_billed`` and ``batches`` ({id, status, total, completed, failed}
+        of each batch since the reset, in creation order) describe the Batch API.
         """
         return web.json_response({
             "requests": self.requests,
@@ -263,6 +453,14 @@ class FakeTeacherServer:
             "answered_timestamps": self.answered_timestamps,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cached_tokens": self.cached_tokens,
+            "last_request_keys": self.last_request_keys,
+            "last_request_headers": self.last_request_headers,
+            "batches_created": self.batches_created,
+            "batch_lines_billed": self.batch_lines_billed,
+            "batches": [{"id": batch.info["id"], "status": batch.info["status"], **batch.info["request_counts"]}
+                        for batch in self.batches.values()],
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "requests_per_node": dict(self.per_node),
@@ -292,6 +490,16 @@ class FakeTeacherServer:
     # Chat completions.
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted_chat(request)
+
+    async def azure_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """Azure's route: the deployment in the path is the model; ``api-version`` is required."""
+        if "api-version" not in request.query:
+            return self._json(404, _azure_body(404, _AZURE_NOT_FOUND))
+        self.by_kind["azure"] += 1
+        return await self._counted_chat(request, request.match_info["deployment"])
+
+    async def _counted_chat(self, request: web.Request, deployment: str | None = None) -> web.StreamResponse:
         self.requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -299,22 +507,29 @@ class FakeTeacherServer:
         if node is not None:
             self.per_node[node] += 1
         try:
-            return await self._chat(request)
+            return await self._chat(request, deployment)
         finally:
             self.in_flight -= 1
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(self, request: web.Request, deployment: str | None) -> web.StreamResponse:
         config = self.config
-        if not self._authorized(request):
+        self._record_headers(request)
+        if not self._authorized(request, azure=deployment is not None):
+            if deployment is not None:
+                self.by_kind["unauthorized"] += 1
+                return self._json(401, _azure_body(401, _AZURE_UNAUTHORIZED))
             return self._error(401, "unauthorized")
         try:
             body = await request.json()
-            messages, model = body["messages"], str(body["model"])
-            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-                raise ValueError("'messages' must be a non-empty list of objects")
+            if isinstance(body, dict):
+                self.last_request_keys = sorted(body)
+            messages, model = _chat_request(body, deployment)
         except (ValueError, KeyError, TypeError) as exc:
             self.by_kind["bad_request"] += 1
             return self._json(400, _error_body(f"Invalid request body: {exc!r}", "invalid_request_error"))
+        unsupported = self._unsupported(body)
+        if unsupported is not None:
+            return self._json(400, _unsupported_body(unsupported))
 
         key = prompt_key(messages)
         idempotency_key = request.headers.get("Idempotency-Key")
@@ -389,12 +604,33 @@ class FakeTeacherServer:
         return response
 
     def _bill(self, key: str, usage: dict, completion: dict, idempotency_key: str | None) -> None:
-        self.billed[key] += 1
+        self._bill_usage(key, usage)
         self.answered_timestamps.append(time.monotonic())
-        self.prompt_tokens += usage["prompt_tokens"]
-        self.completion_tokens += usage["completion_tokens"]
         if idempotency_key:
             self.idempotent[idempotency_key] = completion
+
+    def _bill_usage(self, key: str, usage: dict) -> None:
+        self.billed[key] += 1
+        self.prompt_tokens += usage["prompt_tokens"]
+        self.completion_tokens += usage["completion_tokens"]
+        self.reasoning_tokens += usage["completion_tokens_details"]["reasoning_tokens"]
+        self.cached_tokens += usage["prompt_tokens_details"]["cached_tokens"]
+
+    def _unsupported(self, body: dict) -> str | None:
+        """The first body key the model rejects (counted in ``by_kind``), or None."""
+        for name in self.config.unsupported_params:
+            if name in body:
+                self.by_kind["unsupported_parameter"] += 1
+                return name
+        return None
+
+    def _record_headers(self, request: web.Request) -> None:
+        headers = {}
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower.startswith("x-") or lower in ("api-key", "openai-organization"):
+                headers[lower] = "***" if lower == "api-key" else value
+        self.last_request_headers = headers
 
     def _fault(self, key: str, text: str, attempt: int) -> str:
         faults = self.config.faults
@@ -413,11 +649,17 @@ class FakeTeacherServer:
         content = str(self.answer_fn(text))
         tokens = tokenize(content)
         finish_reason = "stop"
+        reasoning = self.config.reasoning_tokens
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(limit, int) and 0 < limit < len(tokens):
-            tokens, finish_reason = tokens[:limit], "length"
-            content = "".join(tokens)
+        if isinstance(limit, int) and limit > 0:
+            reasoning = min(reasoning, limit)  # the limit covers the hidden reasoning, which comes first
+            if limit - reasoning < len(tokens):
+                tokens, finish_reason = tokens[:limit - reasoning], "length"
+                content = "".join(tokens)
         prompt_tokens = sum(len(tokenize(_text(m.get("content")))) + 1 for m in messages)
+        prefix = prompt_key(messages[:1])
+        cached = min(prompt_tokens, self.config.cached_prompt_tokens) if prefix in self.prompt_cache else 0
+        self.prompt_cache.add(prefix)
         logprobs = None
         if body.get("logprobs"):
             low = any(p == "*" or p in text for p in self.config.low_confidence)
@@ -437,9 +679,247 @@ class FakeTeacherServer:
                 "finish_reason": finish_reason,
                 "logprobs": logprobs,
             }],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                      "total_tokens": prompt_tokens + len(tokens)},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens) + reasoning,
+                "total_tokens": prompt_tokens + len(tokens) + reasoning,
+                "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+            },
         }
+
+    # Files and batches (OpenAI's Files + Batches API, and Azure's copy of it under /openai).
+
+    def _openai_route(self, handler):
+        async def route(request: web.Request) -> web.Response:
+            if not self._authorized(request):
+                return _api_error(401, *_ERRORS[401])
+            return await handler(request)
+        return route
+
+    def _azure_route(self, handler):
+        async def route(request: web.Request) -> web.Response:
+            if "api-version" not in request.query:
+                return web.json_response(_azure_body(404, _AZURE_NOT_FOUND), status=404)
+            if not self._authorized(request, azure=True):
+                return web.json_response(_azure_body(401, _AZURE_UNAUTHORIZED), status=401)
+            return await handler(request)
+        return route
+
+    def _new_id(self, prefix: str) -> str:
+        self.ids[prefix] += 1
+        return f"{prefix}fake{self.ids[prefix]:08d}{secrets.token_hex(4)}"
+
+    def _store_file(self, filename: str, content: bytes, purpose: str) -> dict:
+        file = {"id": self._new_id("file-"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+                "status_details": None}
+        self.files[file["id"]] = {"object": file, "content": content}
+        return file
+
+    async def create_file(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, web.FileField):
+            return _api_error(400, "Missing required parameter: 'file'.", "invalid_request_error", param="file")
+        if purpose != "batch":
+            return _api_error(400, f"Invalid value for 'purpose': {purpose!r}. The fake teacher takes only "
+                              "'batch'.", "invalid_request_error", param="purpose")
+        return web.json_response(self._store_file(upload.filename or "upload.jsonl", upload.file.read(), purpose))
+
+    async def list_files(self, request: web.Request) -> web.Response:
+        data = [stored["object"] for stored in reversed(self.files.values())]
+        return web.json_response({"object": "list", "data": data, "has_more": False})
+
+    async def retrieve_file(self, request: web.Request) -> web.Response:
+        stored = self.files.get(request.match_info["file_id"])
+        return web.json_response(stored["object"]) if stored else self._no_file(request.match_info["file_id"])
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        stored = self.files.get(request.match_info["file_id"])
+        if stored is None:
+            return self._no_file(request.match_info["file_id"])
+        return web.Response(body=stored["content"], content_type="application/octet-stream")
+
+    def _no_file(self, file_id: str) -> web.Response:
+        return _api_error(404, f"No such File object: {file_id}", "invalid_request_error", param="id")
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        endpoints = AZURE_BATCH_ENDPOINTS if request.path.startswith("/openai/") else (BATCH_ENDPOINT,)
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise TypeError("the body must be a JSON object")
+        except (ValueError, TypeError) as exc:
+            return _api_error(400, f"Invalid request body: {exc!r}", "invalid_request_error")
+        for name in ("input_file_id", "endpoint", "completion_window"):
+            if name not in body:
+                return _api_error(400, f"Missing required parameter: '{name}'.", "invalid_request_error",
+                                  "missing_required_parameter", name)
+        if body["endpoint"] not in endpoints:
+            return _api_error(400, f"Invalid value for 'endpoint': {body['endpoint']!r}. The fake teacher batches "
+                              f"only {' and '.join(endpoints)}.", "invalid_request_error", param="endpoint")
+        if body["completion_window"] != "24h":
+            return _api_error(400, f"Invalid value for 'completion_window': {body['completion_window']!r}. "
+                              "Supported values are: '24h'.", "invalid_request_error", param="completion_window")
+        if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+            return _api_error(400, "Invalid type for 'metadata': expected an object.", "invalid_request_error",
+                              param="metadata")
+        stored = self.files.get(body["input_file_id"])
+        if stored is None:
+            return self._no_file(body["input_file_id"])
+        now = int(time.time())
+        info = {
+            "id": self._new_id("batch_"), "object": "batch", "endpoint": body["endpoint"], "model": None,
+            "errors": None, "input_file_id": body["input_file_id"], "completion_window": "24h",
+            "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
+            "in_progress_at": None, "expires_at": now + BATCH_WINDOW_S, "finalizing_at": None,
+            "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+            "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "usage": None, "metadata": body.get("metadata"),
+        }
+        batch = _Batch(info=info, started=time.monotonic())
+        self.batches[info["id"]] = batch
+        self.batches_created += 1
+        batch.task = asyncio.create_task(self._run_batch(batch, stored["content"]))
+        return web.json_response(info)
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        """Newest first, ``limit`` (1-100, default 20) at a time, after the batch ``after`` when given."""
+        batches = [batch.info for batch in reversed(self.batches.values())]
+        after = request.query.get("after")
+        if after is not None:
+            ids = [info["id"] for info in batches]
+            batches = batches[ids.index(after) + 1:] if after in ids else []
+        try:
+            limit = int(request.query.get("limit", 20))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            return _api_error(400, f"Invalid 'limit': {request.query.get('limit')!r}; expected 1 to 100.",
+                              "invalid_request_error", param="limit")
+        page = batches[:limit]
+        return web.json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                                  "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit})
+
+    async def retrieve_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["batch_id"])
+        return web.json_response(batch.info) if batch else self._no_batch(request.match_info["batch_id"])
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        """A validating or running batch turns "cancelling", then "cancelled" with the lines answered so far."""
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return self._no_batch(request.match_info["batch_id"])
+        status = batch.info["status"]
+        if status not in ("validating", "in_progress", "cancelling"):
+            return _api_error(400, f"Cannot cancel a batch with status '{status}'.", "invalid_request_error")
+        if status != "cancelling":
+            batch.info.update(status="cancelling", cancelling_at=int(time.time()))
+            batch.wake.set()
+        return web.json_response(batch.info)
+
+    def _no_batch(self, batch_id: str) -> web.Response:
+        return _api_error(404, f"No batch found with id '{batch_id}'.", "invalid_request_error", param="batch_id")
+
+    async def _run_batch(self, batch: _Batch, content: bytes) -> None:
+        """Validate, answer the lines evenly over 90 % of ``batch_latency_s``, finalize, then complete."""
+        config, info = self.config, batch.info
+        if config.batch_fail_all:
+            lines, errors = [], [_batch_error("batch_failed", "The batch failed (scripted: batch_fail_all).")]
+        else:  # a 200 MB file takes a while to parse: off the event loop
+            lines, errors = await asyncio.to_thread(parse_batch_input, content, info["endpoint"],
+                                                    config.batch_max_requests, config.batch_max_bytes)
+        if info["status"] == "cancelling":
+            return self._finish_batch(batch, "cancelled")
+        if errors:
+            info.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": errors})
+            return
+        info.update(status="in_progress", in_progress_at=int(time.time()), model=lines[0]["body"].get("model"))
+        info["request_counts"]["total"] = len(lines)
+        answering_s = 0.9 * config.batch_latency_s
+        for index, line in enumerate(lines):
+            due = batch.started + answering_s * (index + 1) / len(lines)
+            if due - time.monotonic() > 0.002:
+                await self._nap(batch, due - time.monotonic())
+            elif index % 256 == 0:
+                await asyncio.sleep(0)  # let the server answer polls between long runs of lines
+            if info["status"] == "cancelling":
+                return self._finish_batch(batch, "cancelled")
+            self._answer_batch_line(batch, line)
+        info.update(status="finalizing", finalizing_at=int(time.time()))
+        await self._nap(batch, batch.started + config.batch_latency_s - time.monotonic())
+        self._finish_batch(batch, "completed")
+
+    async def _nap(self, batch: _Batch, seconds: float) -> None:
+        """Sleep, but wake up at once when the batch is cancelled."""
+        if seconds > 0:
+            try:
+                await asyncio.wait_for(batch.wake.wait(), seconds)
+            except TimeoutError:
+                pass
+
+    def _answer_batch_line(self, batch: _Batch, line: dict) -> None:
+        status, body, key = self._batch_answer(line["body"])
+        counts = batch.info["request_counts"]
+        record = {"id": self._new_id("batch_req_"), "custom_id": line["custom_id"],
+                  "response": {"status_code": status, "request_id": self._new_id("req_"), "body": body},
+                  "error": None}
+        if status == 200:
+            counts["completed"] += 1
+            batch.output_lines.append(json.dumps(record))
+            batch.billable.append((key, body["usage"]))
+        else:
+            counts["failed"] += 1
+            batch.error_lines.append(json.dumps(record))
+
+    def _batch_answer(self, body: dict) -> tuple[int, dict, str | None]:
+        """A batch line's (status, response body, prompt key): the live path's answer and faults, without
+        rate limits, latency or a connection (so "timeout", "reset" and garbled-body faults become 500s)."""
+        try:
+            messages, model = _chat_request(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            self.by_kind["bad_request"] += 1
+            return 400, _error_body(f"Invalid request body: {exc!r}", "invalid_request_error"), None
+        unsupported = self._unsupported(body)
+        if unsupported is not None:
+            return 400, _unsupported_body(unsupported), None
+        key = prompt_key(messages)
+        attempt = self.attempts[key]
+        self.attempts[key] += 1
+        text = last_user_text(messages)
+        fault = self._fault(key, text, attempt)
+        if fault == "ok":
+            return 200, self._completion(body, model, messages, text), key
+        self.by_kind[fault] += 1
+        if fault == "429":
+            return 429, _error_body("Rate limit reached (scripted fault).", "requests", "rate_limit_exceeded"), None
+        message, type_, code = _ERRORS[ERROR_FAULTS.get(fault, 500)]
+        return ERROR_FAULTS.get(fault, 500), _error_body(message, type_, code), None
+
+    def _finish_batch(self, batch: _Batch, status: str) -> None:
+        """Bill the answered lines and write the output and error files (each only when it has lines)."""
+        info = batch.info
+        usage = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}
+        for key, line_usage in batch.billable:
+            self._bill_usage(key, line_usage)
+            self.by_kind["ok"] += 1
+            self.batch_lines_billed += 1
+            usage["input_tokens"] += line_usage["prompt_tokens"]
+            usage["input_tokens_details"]["cached_tokens"] += line_usage["prompt_tokens_details"]["cached_tokens"]
+            usage["output_tokens"] += line_usage["completion_tokens"]
+            usage["output_tokens_details"]["reasoning_tokens"] += \
+                line_usage["completion_tokens_details"]["reasoning_tokens"]
+            usage["total_tokens"] += line_usage["total_tokens"]
+        batch.billable = []
+        for lines, name, field_name in ((batch.output_lines, "output", "output_file_id"),
+                                        (batch.error_lines, "error", "error_file_id")):
+            if lines:
+                content = ("\n".join(lines) + "\n").encode()
+                info[field_name] = self._store_file(f"{info['id']}_{name}.jsonl", content, "batch_output")["id"]
+        info.update({"status": status, f"{status}_at": int(time.time()), "usage": usage})
 
     # The rate limiter. Admitted requests hold a slot while pending, so concurrent requests cannot
     # overshoot the limit, and billed answers hold theirs for 60 s from the moment they were answered:
@@ -481,9 +961,12 @@ class FakeTeacherServer:
 
     # Responses.
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: web.Request, azure: bool = False) -> bool:
+        """``Authorization: Bearer <api_key>``; on Azure's routes, ``api-key: <api_key>`` too."""
         key = self.config.api_key
-        return key is None or request.headers.get("Authorization") == f"Bearer {key}"
+        if key is None or request.headers.get("Authorization") == f"Bearer {key}":
+            return True
+        return azure and request.headers.get("api-key") == key
 
     def _raw(self, status: int, payload: bytes, headers: dict | None = None) -> web.Response:
         self.by_status[str(status)] += 1
@@ -527,6 +1010,12 @@ def _token_logprobs(token: str, chosen: float, top_k: int) -> dict:
             logprob = round(min(math.log(left * 0.5**rank), chosen - 0.25 * rank), 4)
             top.append({"token": candidate, "logprob": logprob, "bytes": list(candidate.encode())})
     return {"token": token, "logprob": chosen, "bytes": encoded, "top_logprobs": top[:top_k]}
+
+
+def _api_error(status: int, message: str, type_: str, code: str | None = None,
+               param: str | None = None) -> web.Response:
+    """An OpenAI-shaped error from the file and batch routes (not counted in ``by_status``)."""
+    return web.json_response(_error_body(message, type_, code, param), status=status)
 
 
 def _gone(request: web.Request) -> bool:

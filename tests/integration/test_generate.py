@@ -148,9 +148,10 @@ def test_budget_stops_cleanly_and_resumes_without_paying_twice(prompt_set, tmp_p
 def test_sigkill_half_way_then_rerun_pays_each_prompt_once(prompt_set, tmp_path):
     workdir = _workdir(prompt_set, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Like a real provider, the fake bills answers whose client died before reading them; it honours
-    # the Idempotency-Key we send, so the rerun gets those answers again for free.
-    fake = FakeTeacherConfig(api_key=os.environ[KEY_ENV], latency_s=0.25, bill_abandoned=True)
+    # Like a real provider, the fake bills answers whose client died before reading them, and bills
+    # every request (an Idempotency-Key buys nothing): only what was in flight at the kill may be paid twice.
+    fake = FakeTeacherConfig(api_key=os.environ[KEY_ENV], latency_s=0.25, bill_abandoned=True,
+                             honour_idempotency_key=False)
     with FakeTeacher(fake) as teacher:
         config = _config_file(tmp_path, workdir, teacher.base_url, max_concurrency=4)
         command = [sys.executable, "-m", "distill_ray", "generate", str(config)]
@@ -170,8 +171,11 @@ def test_sigkill_half_way_then_rerun_pays_each_prompt_once(prompt_set, tmp_path)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         stats = teacher.stats()
         assert len(stats["billed_per_prompt"]) == N_PROMPTS
-        assert set(stats["billed_per_prompt"].values()) == {1}  # answers in flight at the kill were not paid twice
-        assert stats["by_kind"].get("abandoned", 0) <= 4  # at most max_concurrency were in flight
+        twice = [key for key, count in stats["billed_per_prompt"].items() if count > 1]
+        abandoned = stats["by_kind"].get("abandoned", 0)
+        print(f"in flight at the kill: {abandoned}; of those asked again on the rerun: {len(twice)}")
+        assert set(stats["billed_per_prompt"].values()) <= {1, 2}
+        assert len(twice) <= abandoned <= 4  # only the requests in flight at the kill (max_concurrency 4)
         assert len(_answers(workdir)) == N_PROMPTS
 
 

@@ -1,0 +1,504 @@
+"""One ledger per teacher for the whole pipeline: its limits, its spend, and who holds what.
+
+Every call to a teacher, from any step (generate, eval's LLM judge, serve's fallback), first takes a
+lease from that teacher's ledger, a named Ray actor: one request from the requests-per-minute bucket,
+its estimated tokens (prompt estimate + max_tokens) from the tokens-per-minute bucket, one of
+`max_concurrency` in-flight slots, and its estimated cost from `budget_usd`. When the request ends
+the lease is settled with the real usage (the token bucket and the spend are corrected) and the
+slot comes back.
+
+- **Spend is persisted** in `<workdir>/teacher/ledger/<teacher>.json`, per step, so `budget_usd`
+  caps the total across steps and reruns (a rerun starts from what was spent before).
+- **Leases die with their holder.** Each lease carries its holder (a worker, the driver, a serve
+  replica) and an expiry that the holder renews while it is alive (`LeaseClient` heartbeats). A
+  holder silent past `lease_ttl_s` is taken for dead: its slots and reserved dollars come back,
+  and the answers it was asking for may be claimed again (counted as `reclaimed`).
+- **An answer is never asked for twice.** Before sending, a worker claims the answer keys of its
+  batch: keys already answered in this run (a batch Ray Data re-runs after a node loss) are not
+  sent; keys held by a live holder are waited for; keys of a dead holder are sent again, and
+  counted, since that request may have been billed.
+- **429s**: the ledger pauses every holder for the Retry-After and lowers the rate (multiplicative
+  decrease), then recovers it while no 429 arrives (additive increase), like TCP's congestion control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from distill_ray.storage import Workdir
+
+MIN_RATE_FACTOR = 0.1  # never slow below a tenth of the configured rate
+RECOVERY_PER_S = 0.01  # regain 1% of the configured rate per second without a 429
+NAMESPACE = "distill-ray"
+PERSIST_EVERY_S = 1.0
+
+
+def ledger_path(teacher: str) -> tuple[str, ...]:
+    return ("teacher", "ledger", f"{teacher}.json")
+
+
+def read_spend(workdir: Workdir, teacher: str) -> dict[str, Any]:
+    """A teacher's persisted spend: {"spent_usd": total, "by_step": {step: {...}}} (zeros when none)."""
+    if workdir.exists(*ledger_path(teacher)):
+        return workdir.read_json(*ledger_path(teacher))
+    return {"teacher": teacher, "spent_usd": 0.0, "by_step": {}}
+
+
+def spend_by_step(workdir: Workdir, teachers: list[str]) -> dict[str, dict[str, float]]:
+    """{teacher: {step: dollars}} from the persisted ledgers (for summaries)."""
+    return {t: {step: round(v.get("spent_usd", 0.0), 6) for step, v in read_spend(workdir, t)["by_step"].items()}
+            for t in teachers}
+
+
+@dataclass
+class Lease:
+    granted: int  # how many requests may be sent
+    reason: str | None = None  # "budget" when none were granted
+
+
+@dataclass
+class _Holder:
+    slots: int = 0
+    reserved: float = 0.0
+    expires: float = 0.0
+    step: str = ""
+
+
+class TokenBucket:
+    """A continuous-refill bucket; `rate_per_s * burst_s` is its capacity."""
+
+    def __init__(self, rate_per_s: float, burst_s: float = 1.0):
+        self.rate = rate_per_s
+        self.capacity = max(1.0, rate_per_s * burst_s)
+        # Start empty: a provider counts requests per sliding minute, and a full bucket at start
+        # would let the first minute see the limit plus one burst.
+        self.level = 0.0
+        self.stamp = time.monotonic()
+
+    def refill(self, factor: float) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate * factor)
+        self.stamp = now
+
+    def wait_for(self, amount: float, factor: float) -> float:
+        """Seconds until `amount` is available (0 when it is now)."""
+        self.refill(factor)
+        missing = min(amount, self.capacity) - self.level
+        return 0.0 if missing <= 0 else missing / (self.rate * factor)
+
+
+@ray.remote(num_cpus=0, max_concurrency=10_000, max_restarts=-1)
+class TeacherLedger:
+    """The cluster-wide ledger of one teacher (an async actor: waiting leases cost nothing).
+
+    Restarted by Ray if its node dies (it lives with the driver's node, or wherever serve put it): it
+    then reloads the persisted spend; reservations of that moment are lost, as are their holders.
+    """
+
+    def __init__(self, teacher: str, workdir: str):
+        self.teacher, self.workdir = teacher, Workdir(workdir)
+        saved = read_spend(self.workdir, teacher)
+        self.by_step: dict[str, dict[str, float]] = {s: dict(v) for s, v in saved["by_step"].items()}
+        self.spent = float(saved.get("spent_usd", 0.0))
+        self.in_flight = 0
+        self.reserved = 0.0
+        self.answered = 0  # answers received (progress)
+        self.ended = 0  # requests ended (answered or not)
+        self.factor = 1.0
+        self.paused_until = 0.0
+        self.last_429 = 0.0
+        self.throttled = 0
+        self.recover_stamp = time.monotonic()
+        self.holders: dict[str, _Holder] = {}
+        self.expired_holders = 0
+        self.expired_slots = 0
+        self.answered_keys: set[str] = set()
+        self.claims: dict[str, str] = {}  # answer key -> holder asking for it now
+        self.orphaned: set[str] = set()  # keys whose holder died asking for them
+        self.reclaimed = 0  # of those, claimed again (their first request may have been billed)
+        self.skipped = 0  # claims refused because the key was answered already
+        self.dirty = False
+        self.last_persist = 0.0
+        self.lock = asyncio.Lock()  # FIFO: leases are granted in the order they were asked
+        self.freed = asyncio.Event()  # set whenever in-flight slots come back
+        self.configure(1e9, 0, 4096, None)
+
+    # Settings, per step: the step starting states its limits (a rerun may raise the budget).
+
+    def configure(self, requests_per_minute: float, tokens_per_minute: float, max_concurrency: int,
+                  budget_usd: float | None, lease_ttl_s: float = 30.0, burst_s: float = 1.0) -> dict:
+        old = getattr(self, "requests", None)
+        if old is None or old.rate != requests_per_minute / 60.0:
+            self.requests = TokenBucket(requests_per_minute / 60.0, burst_s)
+        old_tokens = getattr(self, "tokens", None)
+        rate = tokens_per_minute / 60.0
+        if tokens_per_minute <= 0:
+            self.tokens = None
+        elif old_tokens is None or old_tokens.rate != rate:
+            self.tokens = TokenBucket(rate, burst_s)
+        self.max_concurrency = max_concurrency
+        self.budget = budget_usd
+        self.lease_ttl_s = lease_ttl_s
+        return self.state()
+
+    def begin_run(self) -> dict:
+        """A step's run starts: forget the previous run's answer keys (what they asked for is in the
+        cache, which the step read), and follow the workdir if it was wiped since (no ledger file)."""
+        self.persist()
+        if not self.workdir.exists(*ledger_path(self.teacher)) and not self.in_flight:
+            self.spent, self.by_step = 0.0, {}
+        self.answered_keys.clear()
+        self.orphaned.clear()
+        self.claims.clear()
+        return self.state()
+
+    # Leases.
+
+    def _holder(self, holder: str, step: str) -> _Holder:
+        h = self.holders.get(holder)
+        if h is None:
+            h = self.holders[holder] = _Holder(step=step)
+        h.expires = time.monotonic() + self.lease_ttl_s
+        return h
+
+    def _expire(self, now: float) -> None:
+        """Holders silent past their expiry are dead: their slots and reserved dollars come back."""
+        for name in [n for n, h in self.holders.items() if h.expires < now]:
+            h = self.holders.pop(name)
+            if h.slots or h.reserved:
+                self.expired_holders += 1
+                self.expired_slots += h.slots
+                self.in_flight = max(0, self.in_flight - h.slots)
+                self.reserved = max(0.0, self.reserved - h.reserved)
+                self.freed.set()
+            for key in [k for k, who in self.claims.items() if who == name]:
+                del self.claims[key]
+                self.orphaned.add(key)
+
+    def heartbeat(self, holder: str) -> None:
+        if holder in self.holders:
+            self.holders[holder].expires = time.monotonic() + self.lease_ttl_s
+
+    def _recover(self, now: float) -> None:
+        """Additive increase: regain rate while no 429 has come for a second."""
+        elapsed, self.recover_stamp = now - self.recover_stamp, now
+        if self.factor < 1.0 and now - self.last_429 > 1.0:
+            self.factor = min(1.0, self.factor + RECOVERY_PER_S * elapsed)
+
+    def _affordable(self, count: int, est_cost: float) -> int:
+        if self.budget is None or est_cost <= 0:
+            return count
+        return int((self.budget - self.spent - self.reserved) // est_cost)
+
+    async def acquire(self, holder: str, step: str, count: int, est_tokens: int, est_cost: float) -> Lease:
+        """Lease up to `count` requests (each of `est_tokens` tokens and `est_cost` dollars) to `holder`.
+
+        Waits until at least one can be granted; grants as many as the buckets, the free concurrency
+        slots and the budget allow at that moment. Refused (granted 0) only by the budget.
+        """
+        self._holder(holder, step)
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                self._expire(now)
+                affordable = self._affordable(count, est_cost)
+                if affordable <= 0:
+                    if self.reserved > 0 and self.budget is not None and self.budget - self.spent >= est_cost:
+                        # What is reserved now may come back unspent: wait for it rather than refuse.
+                        self.freed.clear()
+                        try:
+                            await asyncio.wait_for(self.freed.wait(), timeout=0.25)
+                        except TimeoutError:
+                            pass
+                        continue
+                    return Lease(0, "budget")
+                if now < self.paused_until:
+                    await asyncio.sleep(min(self.paused_until - now, 0.25))
+                    continue
+                self._recover(now)
+                wait = self.requests.wait_for(1, self.factor)
+                if self.tokens is not None:
+                    wait = max(wait, self.tokens.wait_for(est_tokens, self.factor))
+                if self.in_flight >= self.max_concurrency:
+                    self.freed.clear()
+                    try:  # woken as soon as a settle frees a slot
+                        await asyncio.wait_for(self.freed.wait(), timeout=max(min(wait, 0.25), 0.05))
+                    except TimeoutError:
+                        pass
+                    continue
+                if wait <= 0:
+                    break
+                await asyncio.sleep(min(wait, 0.25))
+            granted = min(count, affordable, int(self.requests.level), self.max_concurrency - self.in_flight)
+            if self.tokens is not None:
+                granted = min(granted, max(1, int(self.tokens.level // max(1, est_tokens))))
+            granted = max(1, granted)
+            self.requests.level -= granted
+            if self.tokens is not None:
+                self.tokens.level -= granted * est_tokens
+            self.in_flight += granted
+            self.reserved += granted * est_cost
+            h = self._holder(holder, step)
+            h.slots += granted
+            h.reserved += granted * est_cost
+            return Lease(granted)
+
+    def settle(self, holder: str, step: str, count: int, token_correction: int, est_cost: float, cost: float,
+               answered: int = 0, answered_keys: list[str] | None = None, failed_keys: list[str] | None = None,
+               unused: int = 0, unused_tokens: int = 0) -> None:
+        """End `count` leases of `holder`: free their slots, correct tokens and spend with the real usage.
+
+        `unused` of them were never sent (their batch ended): their permits are refunded too.
+        """
+        h = self.holders.get(holder)
+        if h is not None:
+            h.slots = max(0, h.slots - count)
+            h.reserved = max(0.0, h.reserved - est_cost)
+            h.expires = time.monotonic() + self.lease_ttl_s
+            self.in_flight = max(0, self.in_flight - count)
+            self.reserved = max(0.0, self.reserved - est_cost)
+        # else: the holder was taken for dead and its slots already came back; its spend still counts
+        self.freed.set()
+        self.answered += answered
+        self.ended += count - unused
+        self.spent += cost
+        row = self.by_step.setdefault(step, {"spent_usd": 0.0, "requests": 0, "answered": 0})
+        row["spent_usd"] += cost
+        row["requests"] += count - unused
+        row["answered"] += answered
+        for key in answered_keys or ():
+            self.answered_keys.add(key)
+            self.claims.pop(key, None)
+            if key in self.orphaned:  # asked again after its holder died: perhaps billed twice
+                self.orphaned.discard(key)
+                self.reclaimed += 1
+        for key in failed_keys or ():
+            self.claims.pop(key, None)
+        if self.tokens is not None:
+            self.tokens.level -= token_correction  # a refund when estimates were high
+        if unused:
+            self.requests.level = min(self.requests.capacity, self.requests.level + unused)
+            if self.tokens is not None:
+                self.tokens.level = min(self.tokens.capacity, self.tokens.level + unused_tokens)
+        if cost:
+            self.dirty = True
+            self._maybe_persist()
+
+    def throttle(self, retry_after_s: float) -> None:
+        """A 429: pause everyone for Retry-After and slow down."""
+        now = time.monotonic()
+        self.throttled += 1
+        self.paused_until = max(self.paused_until, now + retry_after_s)
+        if now - self.last_429 > 1.0:  # one decrease per burst of 429s
+            self.factor = max(MIN_RATE_FACTOR, self.factor * 0.8)
+        self.last_429 = now
+
+    # Answer keys: never asked for twice.
+
+    def claim(self, holder: str, keys: list[str]) -> dict[str, list[str]]:
+        """Sort a batch's answer keys: `send` (now claimed by `holder`), `answered` (answered already in
+        this run: do not send), `busy` (a live holder is asking: wait and claim again). `recheck` lists
+        the keys of `send` whose last holder died asking: look in the cache before sending them (the
+        answer may have been stored just before the death)."""
+        self._expire(time.monotonic())
+        h = self.holders.setdefault(holder, _Holder())
+        h.expires = time.monotonic() + self.lease_ttl_s
+        out: dict[str, list[str]] = {"send": [], "answered": [], "busy": [], "recheck": []}
+        for key in keys:
+            if key in self.answered_keys:
+                out["answered"].append(key)
+                self.skipped += 1
+            elif self.claims.get(key, holder) != holder:
+                out["busy"].append(key)
+            else:
+                if key in self.orphaned:
+                    out["recheck"].append(key)
+                self.claims[key] = holder
+                out["send"].append(key)
+        return out
+
+    def release(self, holder: str) -> None:
+        """`holder` is idle: the keys it claimed and did not finish (budget refusals) are free again."""
+        for key in [k for k, who in self.claims.items() if who == holder]:
+            del self.claims[key]
+
+    def mark_answered(self, keys: list[str]) -> None:
+        """Keys answered outside the leases (the driver's preflight, a batch's results)."""
+        self.answered_keys.update(keys)
+        for key in keys:
+            self.claims.pop(key, None)
+            self.orphaned.discard(key)
+
+    def add_spend(self, step: str, cost: float, requests: int, answered: int) -> None:
+        """Spend made outside the leases (a provider batch's results)."""
+        self.spent += cost
+        row = self.by_step.setdefault(step, {"spent_usd": 0.0, "requests": 0, "answered": 0})
+        row["spent_usd"] += cost
+        row["requests"] += requests
+        row["answered"] += answered
+        self.dirty = True
+        self.persist()
+
+    # Persistence.
+
+    def _maybe_persist(self) -> None:
+        if time.monotonic() - self.last_persist >= PERSIST_EVERY_S:
+            self.persist()
+
+    def persist(self) -> dict:
+        """Write the spend to the workdir (at most once a second while spending; at every step's end)."""
+        if self.dirty:
+            self.workdir.write_json({"teacher": self.teacher, "spent_usd": round(self.spent, 9),
+                                     "by_step": {s: {k: round(v, 9) if isinstance(v, float) else v for k, v in r.items()}
+                                                 for s, r in self.by_step.items()}},
+                                    *ledger_path(self.teacher))
+            self.dirty = False
+        self.last_persist = time.monotonic()
+        return self.state()
+
+    def state(self) -> dict:
+        return {"answered": self.answered, "ended": self.ended, "in_flight": self.in_flight,
+                "spent_usd": self.spent, "reserved_usd": self.reserved, "budget_usd": getattr(self, "budget", None),
+                "rate_factor": round(self.factor, 3), "throttled": self.throttled,
+                "holders": len(getattr(self, "holders", {})), "expired_holders": getattr(self, "expired_holders", 0),
+                "expired_slots": getattr(self, "expired_slots", 0),
+                "reclaimed": getattr(self, "reclaimed", 0), "orphaned": len(getattr(self, "orphaned", ())),
+                "skipped_answered": getattr(self, "skipped", 0),
+                "by_step": {s: dict(r) for s, r in getattr(self, "by_step", {}).items()}}
+
+
+def ledger_name(teacher: str, workdir_uri: str) -> str:
+    return f"ledger:{teacher}:{hashlib.sha256(workdir_uri.encode()).hexdigest()[:12]}"
+
+
+def open_ledger(teacher: Any, workdir: Workdir, budget_usd: float | None, lease_ttl_s: float = 30.0,
+                other_spend: float = 0.0) -> Any:
+    """The teacher's ledger actor for this workdir (made on first use, found by name after), set to the
+    teacher's limits and what is left of `budget_usd` once `other_spend` (other teachers) is counted."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Beside whoever opens it first (the driver, or a serve replica), but free to restart elsewhere.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = TeacherLedger.options(
+        name=ledger_name(teacher.name, workdir.uri), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        scheduling_strategy=here,
+    ).remote(teacher.name, workdir.uri)
+    budget = None if budget_usd is None else max(0.0, budget_usd - other_spend)
+    ray.get(actor.configure.remote(teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_concurrency,
+                                   budget, lease_ttl_s))
+    return actor
+
+
+class LeaseClient:
+    """A holder's side of the ledger: leases in small batches, settles in batches, and heartbeats.
+
+    One actor call then serves several requests, which is what lets one ledger keep up with many
+    workers (bench/limiter.py measures it). A batch's unused leases are returned when it ends.
+    """
+
+    def __init__(self, ledger, batch: int, holder: str, step: str, flush_s: float = 0.01, ttl_s: float = 30.0):
+        self.ledger, self.batch, self.flush_s = ledger, max(1, batch), flush_s
+        self.holder, self.step, self.ttl_s = holder, step, ttl_s
+        self.permits = 0
+        self.waiting = 0
+        self.lock: asyncio.Lock | None = None
+        self.est_tokens = 0
+        self.est_cost = 0.0
+        self.pending: dict[str, Any] = self._empty()
+        self.last_flush = time.monotonic()
+        self.flush_timer: asyncio.TimerHandle | None = None
+        self.beat: asyncio.Task | None = None
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        return {"count": 0, "token_correction": 0, "est_cost": 0.0, "cost": 0.0, "answered": 0,
+                "answered_keys": [], "failed_keys": []}
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            self.ledger.heartbeat.remote(self.holder)
+
+    async def acquire(self, est_tokens: int, est_cost: float) -> bool:
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        if self.beat is None or self.beat.done():
+            self.beat = asyncio.get_running_loop().create_task(self._heartbeat())
+        self.waiting += 1
+        try:
+            async with self.lock:
+                if self.permits == 0:
+                    lease = await self.ledger.acquire.remote(self.holder, self.step, min(self.batch, self.waiting),
+                                                             est_tokens, est_cost)
+                    if lease.granted == 0:
+                        return False
+                    self.permits += lease.granted
+                self.permits -= 1
+                self.est_tokens, self.est_cost = est_tokens, est_cost
+                return True
+        finally:
+            self.waiting -= 1
+
+    async def claim(self, keys: list[str]) -> dict[str, list[str]]:
+        return await self.ledger.claim.remote(self.holder, keys)
+
+    def settle(self, est_tokens: int, used_tokens: int, est_cost: float, cost: float, answered: bool) -> None:
+        """One request ended (its slot comes back, its real tokens and cost are counted)."""
+        p = self.pending
+        p["count"] += 1
+        p["token_correction"] += used_tokens - est_tokens
+        p["est_cost"] += est_cost
+        p["cost"] += cost
+        p["answered"] += int(answered)
+        self._schedule()
+
+    def done(self, key: str, answered: bool) -> None:
+        """An answer key is finished: answered (and durable in the cache) or failed for this run."""
+        (self.pending["answered_keys"] if answered else self.pending["failed_keys"]).append(key)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        p = self.pending
+        if p["count"] + len(p["answered_keys"]) >= self.batch or time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+        elif self.flush_timer is None:
+            # Never hold a finished request's slot for long: the other workers may be waiting on it.
+            self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
+
+    def throttle(self, retry_after_s: float) -> None:
+        self.ledger.throttle.remote(retry_after_s)
+
+    def flush(self) -> None:
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
+        if self.pending["count"] or self.pending["answered_keys"] or self.pending["failed_keys"]:
+            p, self.pending = self.pending, self._empty()
+            self.ledger.settle.remote(self.holder, self.step, p["count"], p["token_correction"], p["est_cost"],
+                                      p["cost"], p["answered"], p["answered_keys"], p["failed_keys"])
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """End of a busy spell: settle what is pending, return unused leases and claims, stop the heartbeat."""
+        self.flush()
+        self.ledger.release.remote(self.holder)
+        if self.permits:
+            # Unused leases: free their slots and their reserved cost, and refund their permits.
+            self.ledger.settle.remote(self.holder, self.step, self.permits, 0, self.permits * self.est_cost, 0.0,
+                                      unused=self.permits, unused_tokens=self.permits * self.est_tokens)
+            self.permits = 0
+        if self.beat is not None:
+            self.beat.cancel()
+            self.beat = None
+
+
+def describe(state: dict) -> str:
+    return json.dumps({k: state[k] for k in ("in_flight", "holders", "expired_holders", "expired_slots", "reclaimed",
+                                             "throttled")})

@@ -314,20 +314,20 @@ def ask_teacher(teacher: Teacher, work: list[dict[str, Any]], workdir: Workdir, 
     before = ray.get(ledger.begin_run.remote())
     out: dict[str, Any] = {}
     try:
+        if pending:
+            # One live request from the driver first (in batch mode too, at the online price): a bad key,
+            # URL, model or request shape stops here, before any fan-out or batch.
+            first = _preflight(teacher, workdir, pending[0], ledger, step, generate.lease_ttl_s, cache_parts)
+            results[first["key"]] = first
+            nodes[first["node"]] += 1
+            pending = pending[1:]
         if pending and mode == "batch":
             from distill_ray.teacher.batch import run_batch
 
             out["batch"] = run_batch(teacher, pending, workdir, generate, ledger, echo, label=label, step=step,
                                      results=results, cache_parts=cache_parts)
-            nodes["batch"] += len(results)
+            nodes["batch"] += sum(1 for w in pending if w["key"] in results)
         elif pending:
-            # One request from the driver first: a bad key, URL, model or request shape stops here,
-            # before any fan-out.
-            first = _preflight(teacher, workdir, pending[0], ledger, step, generate.lease_ttl_s, cache_parts)
-            results[first["key"]] = first
-            nodes[first["node"]] += 1
-            pending = pending[1:]
-        if pending and mode != "batch":
             _fan_out(teacher, pending, workdir, generate, ledger, echo, label, step, cache_parts, results, nodes,
                      before)
     finally:

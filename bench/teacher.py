@@ -37,6 +37,7 @@ from distill_ray.config import load_config  # noqa: E402
 from distill_ray.manifest import StepRecord, write_manifest  # noqa: E402
 from distill_ray.prompts.step import ARTIFACT_SCHEMA  # noqa: E402
 from distill_ray.storage import Workdir  # noqa: E402
+from distill_ray.teacher.client import request_body  # noqa: E402
 from distill_ray.teacher.generate import run_generate  # noqa: E402
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig  # noqa: E402
 
@@ -99,13 +100,17 @@ def baseline(teacher: FakeTeacher, n: int, rpm: float, concurrency: int, seconds
 
 
 async def _bare(base_url: str, n: int, concurrency: int) -> None:
+    """The ceiling: one asyncio loop sending the very requests `ours` sends (same body: logprobs and
+    top_logprobs included, which is most of the server's work) and parsing each answer's JSON."""
+    teacher = load_config(None, [f"teachers.0.base_url={base_url}", "teachers.0.model=fake"]).teachers[0]
     semaphore = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def one(i: int) -> None:
             async with semaphore:
-                body = {"model": "fake", "messages": [{"role": "user", "content": _prompt(i)}], "max_tokens": 16}
-                async with session.post(f"{base_url}/chat/completions", json=body) as response:
-                    await response.read()
+                body = json.dumps(request_body(teacher, [{"role": "user", "content": _prompt(i)}]))
+                async with session.post(f"{base_url}/chat/completions", data=body,
+                                        headers={"Content-Type": "application/json"}) as response:
+                    json.loads(await response.read())
 
         await asyncio.gather(*(one(i) for i in range(n)))
 

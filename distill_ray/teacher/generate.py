@@ -314,13 +314,20 @@ def ask_teacher(teacher: Teacher, work: list[dict[str, Any]], workdir: Workdir, 
     before = ray.get(ledger.begin_run.remote())
     out: dict[str, Any] = {}
     try:
-        if pending:
+        held: set[str] = set()
+        if pending and mode == "batch":
+            from distill_ray.teacher.batch import submitted_keys
+
+            held = submitted_keys(teacher, workdir, cache_parts)  # a batch of a killed run will answer these
+        probe = next((w for w in pending if w["key"] not in held), None)
+        if probe is not None:
             # One live request from the driver first (in batch mode too, at the online price): a bad key,
-            # URL, model or request shape stops here, before any fan-out or batch.
-            first = _preflight(teacher, workdir, pending[0], ledger, step, generate.lease_ttl_s, cache_parts)
+            # URL, model or request shape stops here, before any fan-out or batch. Never one a submitted
+            # batch holds: the rerun resuming that batch would pay for it twice.
+            first = _preflight(teacher, workdir, probe, ledger, step, generate.lease_ttl_s, cache_parts)
             results[first["key"]] = first
             nodes[first["node"]] += 1
-            pending = pending[1:]
+            pending = [w for w in pending if w is not probe]
         if pending and mode == "batch":
             from distill_ray.teacher.batch import run_batch
 

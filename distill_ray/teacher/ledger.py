@@ -38,6 +38,7 @@ MIN_RATE_FACTOR = 0.1  # never slow below a tenth of the configured rate
 RECOVERY_PER_S = 0.01  # regain 1% of the configured rate per second without a 429
 NAMESPACE = "distill-ray"
 PERSIST_EVERY_S = 1.0
+SLOT_WAIT_S = 0.05  # how long the ledger holds a request for slots before answering without
 
 
 def ledger_path(teacher: str) -> tuple[str, ...]:
@@ -59,8 +60,11 @@ def spend_by_step(workdir: Workdir, teachers: list[str]) -> dict[str, dict[str, 
 
 @dataclass
 class Lease:
-    granted: int  # how many requests may be sent
-    reason: str | None = None  # "budget" when none were granted
+    granted: int  # request permits: how many requests may be sent
+    slots: int  # concurrency slots (held until given back: a holder reuses its own)
+    reason: str | None = None  # "budget" when no permit was granted
+    contended: bool = False  # other holders wait for slots: keep no more than `fair`
+    fair: int = 1 << 30  # max_concurrency / holders wanting slots
 
 
 @dataclass
@@ -128,6 +132,7 @@ class TeacherLedger:
         self.last_persist = 0.0
         self.lock = asyncio.Lock()  # FIFO: leases are granted in the order they were asked
         self.freed = asyncio.Event()  # set whenever in-flight slots come back
+        self.slot_waiting: set[str] = set()  # holders that asked for slots and got none
         self.configure(1e9, 0, 4096, None)
 
     # Settings, per step: the step starting states its limits (a rerun may raise the budget).
@@ -172,6 +177,7 @@ class TeacherLedger:
         """Holders silent past their expiry are dead: their slots and reserved dollars come back."""
         for name in [n for n, h in self.holders.items() if h.expires < now]:
             h = self.holders.pop(name)
+            self.slot_waiting.discard(name)
             if h.slots or h.reserved:
                 self.expired_holders += 1
                 self.expired_slots += h.slots
@@ -197,82 +203,102 @@ class TeacherLedger:
             return count
         return int((self.budget - self.spent - self.reserved) // est_cost)
 
-    async def acquire(self, holder: str, step: str, count: int, est_tokens: int, est_cost: float) -> Lease:
-        """Lease up to `count` requests (each of `est_tokens` tokens and `est_cost` dollars) to `holder`.
+    async def acquire(self, holder: str, step: str, permits: int, slots: int, est_tokens: int,
+                      est_cost: float, slot_wait_s: float = SLOT_WAIT_S) -> Lease:
+        """Grant `holder` up to `permits` request permits (each one request from the requests bucket,
+        `est_tokens` from the tokens bucket and `est_cost` dollars reserved from the budget) and up to
+        `slots` concurrency slots, asking for at least one of each kind wanted.
 
-        Waits until at least one can be granted; grants as many as the buckets, the free concurrency
-        slots and the budget allow at that moment. Refused (granted 0) only by the budget.
+        Waits until that much can be granted, then grants as many as the buckets, the free slots and
+        the budget allow at that moment. Refused (0 permits, reason "budget") only by the budget.
         """
-        self._holder(holder, step)
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self._expire(now)
-                affordable = self._affordable(count, est_cost)
-                if affordable <= 0:
-                    if self.reserved > 0 and self.budget is not None and self.budget - self.spent >= est_cost:
-                        # What is reserved now may come back unspent: wait for it rather than refuse.
-                        self.freed.clear()
-                        try:
-                            await asyncio.wait_for(self.freed.wait(), timeout=0.25)
-                        except TimeoutError:
-                            pass
+        h = self._holder(holder, step)
+        granted = 0
+        if permits:
+            async with self.lock:  # the buckets grant in the order asked (FIFO)
+                while True:
+                    now = time.monotonic()
+                    self._expire(now)
+                    affordable = self._affordable(permits, est_cost)
+                    if affordable <= 0:
+                        if self.reserved > 0 and self.budget is not None and self.budget - self.spent >= est_cost:
+                            # What is reserved now may come back unspent: wait for it rather than refuse.
+                            await self._wait_freed(0.25)
+                            continue
+                        return Lease(0, 0, "budget")
+                    if now < self.paused_until:
+                        await asyncio.sleep(min(self.paused_until - now, 0.25))
                         continue
-                    return Lease(0, "budget")
-                if now < self.paused_until:
-                    await asyncio.sleep(min(self.paused_until - now, 0.25))
-                    continue
-                self._recover(now)
-                wait = self.requests.wait_for(1, self.factor)
+                    self._recover(now)
+                    wait = self.requests.wait_for(1, self.factor)
+                    if self.tokens is not None:
+                        wait = max(wait, self.tokens.wait_for(est_tokens, self.factor))
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(min(wait, 0.25))
+                granted = max(1, min(permits, affordable, int(self.requests.level)))
                 if self.tokens is not None:
-                    wait = max(wait, self.tokens.wait_for(est_tokens, self.factor))
-                if self.in_flight >= self.max_concurrency:
-                    self.freed.clear()
-                    try:  # woken as soon as a settle frees a slot
-                        await asyncio.wait_for(self.freed.wait(), timeout=max(min(wait, 0.25), 0.05))
-                    except TimeoutError:
-                        pass
-                    continue
-                if wait <= 0:
-                    break
-                await asyncio.sleep(min(wait, 0.25))
-            granted = min(count, affordable, int(self.requests.level), self.max_concurrency - self.in_flight)
-            if self.tokens is not None:
-                granted = min(granted, max(1, int(self.tokens.level // max(1, est_tokens))))
-            granted = max(1, granted)
-            self.requests.level -= granted
-            if self.tokens is not None:
-                self.tokens.level -= granted * est_tokens
-            self.in_flight += granted
-            self.reserved += granted * est_cost
+                    granted = min(granted, max(1, int(self.tokens.level // max(1, est_tokens))))
+                self.requests.level -= granted
+                if self.tokens is not None:
+                    self.tokens.level -= granted * est_tokens
+                self.reserved += granted * est_cost
+                h = self._holder(holder, step)
+                h.reserved += granted * est_cost
+        elif slots:
+            # Slots only (no bucket involved, so no queue): wait a little for one, then answer without
+            # (the holder may free one of its own meanwhile, and asks again).
+            deadline = time.monotonic() + slot_wait_s
+            self._expire(time.monotonic())
+            while self.in_flight >= self.max_concurrency and time.monotonic() < deadline:
+                self.slot_waiting.add(holder)
+                await self._wait_freed(deadline - time.monotonic())
+                self._expire(time.monotonic())
             h = self._holder(holder, step)
-            h.slots += granted
-            h.reserved += granted * est_cost
-            return Lease(granted)
+        got_slots = max(0, min(slots, self.max_concurrency - self.in_flight))
+        self.in_flight += got_slots
+        h.slots += got_slots
+        if slots and not got_slots:
+            self.slot_waiting.add(holder)  # known to want slots until it next gets some
+        else:
+            self.slot_waiting.discard(holder)
+        active = {n for n, v in self.holders.items() if v.slots > 0} | self.slot_waiting
+        return Lease(granted, got_slots, contended=bool(self.slot_waiting - {holder}),
+                     fair=max(1, self.max_concurrency // max(1, len(active))))
 
-    def settle(self, holder: str, step: str, count: int, token_correction: int, est_cost: float, cost: float,
-               answered: int = 0, answered_keys: list[str] | None = None, failed_keys: list[str] | None = None,
-               unused: int = 0, unused_tokens: int = 0) -> None:
-        """End `count` leases of `holder`: free their slots, correct tokens and spend with the real usage.
+    async def _wait_freed(self, timeout: float) -> None:
+        self.freed.clear()
+        try:
+            await asyncio.wait_for(self.freed.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
 
-        `unused` of them were never sent (their batch ended): their permits are refunded too.
+    def settle(self, holder: str, step: str, count: int = 0, token_correction: int = 0, est_cost: float = 0.0,
+               cost: float = 0.0, answered: int = 0, answered_keys: list[str] | None = None,
+               failed_keys: list[str] | None = None, slots: int = 0, unused: int = 0, unused_tokens: int = 0) -> None:
+        """`count` requests of `holder` ended: correct tokens and spend with their real usage, free the
+        dollars reserved for them (`est_cost` in all); `slots` concurrency slots come back; `unused`
+        permits were never used (their request permits and tokens are refunded; their reserved dollars
+        are part of `est_cost`).
         """
         h = self.holders.get(holder)
         if h is not None:
-            h.slots = max(0, h.slots - count)
+            h.slots = max(0, h.slots - slots)
             h.reserved = max(0.0, h.reserved - est_cost)
             h.expires = time.monotonic() + self.lease_ttl_s
-            self.in_flight = max(0, self.in_flight - count)
+            self.in_flight = max(0, self.in_flight - slots)
             self.reserved = max(0.0, self.reserved - est_cost)
         # else: the holder was taken for dead and its slots already came back; its spend still counts
-        self.freed.set()
+        if slots or est_cost:
+            self.freed.set()
         self.answered += answered
-        self.ended += count - unused
+        self.ended += count
         self.spent += cost
-        row = self.by_step.setdefault(step, {"spent_usd": 0.0, "requests": 0, "answered": 0})
-        row["spent_usd"] += cost
-        row["requests"] += count - unused
-        row["answered"] += answered
+        if count or cost:
+            row = self.by_step.setdefault(step, {"spent_usd": 0.0, "requests": 0, "answered": 0})
+            row["spent_usd"] += cost
+            row["requests"] += count
+            row["answered"] += answered
         for key in answered_keys or ():
             self.answered_keys.add(key)
             self.claims.pop(key, None)
@@ -397,16 +423,24 @@ def open_ledger(teacher: Any, workdir: Workdir, budget_usd: float | None, lease_
 
 
 class LeaseClient:
-    """A holder's side of the ledger: leases in small batches, settles in batches, and heartbeats.
+    """A holder's side of the ledger: request permits leased in small batches, concurrency slots kept
+    and reused while this holder has requests waiting, usage settled in batches, and a heartbeat.
 
-    One actor call then serves several requests, which is what lets one ledger keep up with many
-    workers (bench/limiter.py measures it). A batch's unused leases are returned when it ends.
+    Permits and slots are separate: a request needs one of each. A finished request's slot goes to
+    the next request waiting here, with no call to the ledger; permits come in batches. So at full
+    concurrency one ledger call serves many requests, and a slot is never idle while a flush timer
+    runs (bench/teacher.py and bench/limiter.py measure it). Idle slots go back after `flush_s`, at
+    once when other holders wait for slots, and all unused permits and slots at `close`.
     """
 
     def __init__(self, ledger, batch: int, holder: str, step: str, flush_s: float = 0.01, ttl_s: float = 30.0):
         self.ledger, self.batch, self.flush_s = ledger, max(1, batch), flush_s
         self.holder, self.step, self.ttl_s = holder, step, ttl_s
-        self.permits = 0
+        self.permits = 0  # request permits held, unused
+        self.slots = 0  # concurrency slots held (busy + idle)
+        self.busy = 0  # slots in use by a request
+        self.contended = False
+        self.fair = 1 << 30
         self.waiting = 0
         self.lock: asyncio.Lock | None = None
         self.est_tokens = 0
@@ -415,6 +449,7 @@ class LeaseClient:
         self.last_flush = time.monotonic()
         self.flush_timer: asyncio.TimerHandle | None = None
         self.beat: asyncio.Task | None = None
+        self.slot_freed: asyncio.Event | None = None
 
     @staticmethod
     def _empty() -> dict[str, Any]:
@@ -427,20 +462,38 @@ class LeaseClient:
             self.ledger.heartbeat.remote(self.holder)
 
     async def acquire(self, est_tokens: int, est_cost: float) -> bool:
+        """One permit and one slot for a request; False when the budget refuses it."""
         if self.lock is None:
-            self.lock = asyncio.Lock()
+            self.lock, self.slot_freed = asyncio.Lock(), asyncio.Event()
         if self.beat is None or self.beat.done():
             self.beat = asyncio.get_running_loop().create_task(self._heartbeat())
         self.waiting += 1
         try:
             async with self.lock:
-                if self.permits == 0:
-                    lease = await self.ledger.acquire.remote(self.holder, self.step, min(self.batch, self.waiting),
-                                                             est_tokens, est_cost)
-                    if lease.granted == 0:
-                        return False
+                while self.permits == 0 or self.slots == self.busy:
+                    want = min(self.batch, self.waiting)
+                    need_permits = want if self.permits == 0 else 0
+                    need_slots = want if self.slots == self.busy else 0
+                    if need_slots and not need_permits and self.busy:
+                        # Our own requests hold slots: the next to end frees one for us, sooner than
+                        # the ledger could.
+                        self.slot_freed.clear()
+                        try:
+                            await asyncio.wait_for(self.slot_freed.wait(), timeout=SLOT_WAIT_S)
+                            continue
+                        except TimeoutError:
+                            pass
+                    lease = await self.ledger.acquire.remote(self.holder, self.step, need_permits, need_slots,
+                                                             est_tokens, est_cost, 0.0 if self.busy else SLOT_WAIT_S)
                     self.permits += lease.granted
+                    self.slots += lease.slots
+                    self.contended, self.fair = lease.contended, lease.fair
+                    if need_permits and lease.granted == 0:
+                        return False  # the budget
+                    if self.slots == self.busy and not self.busy and need_slots and not lease.slots:
+                        await asyncio.sleep(SLOT_WAIT_S / 5)  # none free anywhere: ask again shortly
                 self.permits -= 1
+                self.busy += 1
                 self.est_tokens, self.est_cost = est_tokens, est_cost
                 return True
         finally:
@@ -450,7 +503,10 @@ class LeaseClient:
         return await self.ledger.claim.remote(self.holder, keys)
 
     def settle(self, est_tokens: int, used_tokens: int, est_cost: float, cost: float, answered: bool) -> None:
-        """One request ended (its slot comes back, its real tokens and cost are counted)."""
+        """One request ended: its slot is free for the next request here, its usage is booked."""
+        self.busy -= 1
+        if self.slot_freed is not None:
+            self.slot_freed.set()
         p = self.pending
         p["count"] += 1
         p["token_correction"] += used_tokens - est_tokens
@@ -466,11 +522,21 @@ class LeaseClient:
 
     def _schedule(self) -> None:
         p = self.pending
-        if p["count"] + len(p["answered_keys"]) >= self.batch or time.monotonic() - self.last_flush >= self.flush_s:
+        if (p["count"] + len(p["answered_keys"]) >= 2 * self.batch or time.monotonic() - self.last_flush >= self.flush_s
+                or (self.contended and self._spare())):
             self.flush()
         elif self.flush_timer is None:
-            # Never hold a finished request's slot for long: the other workers may be waiting on it.
+            # Usage is booked, and idle slots given back, within flush_s.
             self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
+
+    def _spare(self) -> int:
+        """Idle slots to give back: those nobody here waits for, and, while other holders wait for
+        slots, those beyond this holder's fair share."""
+        idle = self.slots - self.busy
+        spare = 0 if self.waiting else idle
+        if self.contended:
+            spare = max(spare, min(idle, self.slots - self.fair))
+        return spare
 
     def throttle(self, retry_after_s: float) -> None:
         self.ledger.throttle.remote(retry_after_s)
@@ -479,21 +545,25 @@ class LeaseClient:
         if self.flush_timer is not None:
             self.flush_timer.cancel()
             self.flush_timer = None
-        if self.pending["count"] or self.pending["answered_keys"] or self.pending["failed_keys"]:
-            p, self.pending = self.pending, self._empty()
+        idle = self._spare()
+        p = self.pending
+        if p["count"] or p["answered_keys"] or p["failed_keys"] or idle:
+            self.pending = self._empty()
+            self.slots -= idle
             self.ledger.settle.remote(self.holder, self.step, p["count"], p["token_correction"], p["est_cost"],
-                                      p["cost"], p["answered"], p["answered_keys"], p["failed_keys"])
+                                      p["cost"], p["answered"], p["answered_keys"], p["failed_keys"], idle)
         self.last_flush = time.monotonic()
 
     def close(self) -> None:
-        """End of a busy spell: settle what is pending, return unused leases and claims, stop the heartbeat."""
+        """End of a busy spell: settle what is pending, return unused permits, slots and claims, stop
+        the heartbeat."""
         self.flush()
-        self.ledger.release.remote(self.holder)
-        if self.permits:
-            # Unused leases: free their slots and their reserved cost, and refund their permits.
-            self.ledger.settle.remote(self.holder, self.step, self.permits, 0, self.permits * self.est_cost, 0.0,
+        if self.permits or self.slots - self.busy:
+            idle = self.slots - self.busy
+            self.ledger.settle.remote(self.holder, self.step, 0, 0, self.permits * self.est_cost, 0.0, slots=idle,
                                       unused=self.permits, unused_tokens=self.permits * self.est_tokens)
-            self.permits = 0
+            self.permits, self.slots = 0, self.slots - idle
+        self.ledger.release.remote(self.holder)
         if self.beat is not None:
             self.beat.cancel()
             self.beat = None

@@ -136,10 +136,15 @@ def test_one_rate_limit_for_the_whole_cluster_and_calls_on_every_node(cluster, t
 def test_a_worker_node_killed_during_generate_loses_no_prompt_and_pays_once(cluster, tmp_path):
     _ensure_all_nodes(cluster)
     n = 160
-    # 1 s per answer: requests are in flight on w1 when it dies; the fake bills abandoned answers
-    fake = FakeTeacherConfig(api_key=os.environ[KEY_ENV], latency_s=1.0, bill_abandoned=True)
+    # 1 s per answer: requests are in flight on w1 when it dies. The fake bills as a provider does:
+    # every request, abandoned ones too, an Idempotency-Key notwithstanding.
+    fake = FakeTeacherConfig(api_key=os.environ[KEY_ENV], latency_s=1.0, bill_abandoned=True,
+                             honour_idempotency_key=False)
     with FakeTeacher(fake) as teacher:
         config, workdir = _prompt_config(tmp_path, n, teacher.base_url, max_concurrency=8)
+        text = json.loads(config.read_text())
+        text["generate"].update({"lease_ttl_s": 5, "stall_timeout_s": 120})
+        config.write_text(json.dumps(text))
         _cli(cluster, "prompts", str(config))
         process = _cli(cluster, "generate", str(config), wait=False)
         try:
@@ -157,12 +162,18 @@ def test_a_worker_node_killed_during_generate_loses_no_prompt_and_pays_once(clus
     assert process.returncode == 0, output[-3000:]
     rows = [json.loads(line) for line in _answer_rows(workdir)]
     assert len(rows) == n and all(r["error"] is None for r in rows)  # every prompt answered once
-    # what was in flight on w1 when it died was sent again, with the same Idempotency-Key: not billed twice
-    assert len(stats["billed_per_prompt"]) == n and set(stats["billed_per_prompt"].values()) == {1}
+    # Each prompt billed once, except what was in flight on w1 when it died: asked again, and billed again.
+    # Answers w1 had finished are not asked again, though Ray Data re-runs its batches elsewhere.
+    twice = [key for key, count in stats["billed_per_prompt"].items() if count > 1]
+    abandoned = stats["by_kind"].get("abandoned", 0)
+    ledger = json.loads((workdir / "teacher" / "report.json").read_text())["teachers"]["fake"]["ledger"]
     by_node = _calls_by_node(workdir, cluster)
-    print(f"\nkilled w1 after {killed_at} answers: {n} rows, billed once each; requests {stats['requests']}, "
-          f"replayed free {stats['by_kind'].get('idempotent_replay', 0)}, abandoned "
-          f"{stats['by_kind'].get('abandoned', 0)}; answers by node {dict(by_node)}")
+    print(f"\nkilled w1 after {killed_at} answers: {n} rows; in flight at the kill {abandoned}, billed twice "
+          f"{len(twice)}; the ledger reclaimed {ledger['expired_slots']} slots of {ledger['expired_holders']} dead "
+          f"workers, asked {ledger['reclaimed']} answers again, skipped {ledger['skipped_answered']} answered ones in "
+          f"re-run batches; requests {stats['requests']}; answers by node {dict(by_node)}")
+    assert len(stats["billed_per_prompt"]) == n and set(stats["billed_per_prompt"].values()) <= {1, 2}
+    assert len(twice) <= abandoned <= 8  # at most max_concurrency were in flight
     assert "w1" not in _nodes(cluster).values()  # w1 is dead: the others finished its share
 
 

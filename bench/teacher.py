@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/teacher.py                     # R = 960 requests/min for 2 minutes each
     .venv/bin/python bench/teacher.py --rpm 600 --seconds 60 --skip-throughput
+    .venv/bin/python bench/teacher.py --skip-rate --skip-tokens  # fan-out efficiency only
 
 1. Rate limit. The scripted fake teacher (tests/fakes/openai_server.py, its own process on
    127.0.0.1) enforces a global R requests per sliding minute with 429 + Retry-After. Then:
@@ -10,8 +11,11 @@
      qps = R / 60 / 4 per worker (its qps is per worker; it sends one request at a time per batch).
    Each gets about 2.2 x R prompts; the answered rate is measured from the server's ledger over the
    first `--seconds` after the first answer, and printed as a ratio of R, with the share of 429s.
-2. Throughput with no limit and 50 ms latency: `distill-ray generate` at max_concurrency 8, 32 and
-   128 against a bare asyncio + aiohttp loop with the same concurrency (the ceiling for one process).
+2. Token limit: the server allows T tokens per sliding minute (no request limit); ours runs with
+   `tokens_per_minute: T`, so the tokens bucket is what binds. Printed as tokens/min over T, with 429s.
+3. Throughput with no limit and 50 ms latency: `distill-ray generate` at max_concurrency 8, 32 and
+   128 against a bare asyncio + aiohttp loop with the same concurrency and the very same requests
+   (the ceiling for one process), as answers/s and their ratio.
 """
 
 from __future__ import annotations
@@ -64,14 +68,15 @@ def _rate(stats: dict, seconds: float) -> tuple[float, float]:
     return within / seconds * 60.0, limited / max(1, stats["requests"])
 
 
-def ours(teacher: FakeTeacher, tmp: str, n: int, rpm: float, concurrency: int, workers: int) -> dict:
+def ours(teacher: FakeTeacher, tmp: str, n: int, rpm: float, concurrency: int, workers: int, tpm: float = 0) -> dict:
     workdir = Workdir(f"{tmp}/ours-{rpm}-{concurrency}-{time.monotonic_ns()}")
     _write_prompts(workdir, n)
     config = load_config(None, [
         f"workdir={workdir.uri}", f"teachers.0.base_url={teacher.base_url}", "teachers.0.model=fake",
         f"teachers.0.requests_per_minute={rpm}", f"teachers.0.max_concurrency={concurrency}",
+        f"teachers.0.tokens_per_minute={tpm}",
         "teachers.0.max_retries=8", "teachers.0.timeout_s=30", f"generate.num_workers={workers}",
-        f"generate.batch_size={max(4, concurrency // workers)}", "generate.progress_every_s=30",
+        f"generate.batch_size={max(16, concurrency // workers)}", "generate.progress_every_s=30",
     ])
     teacher.reset()
     start = time.monotonic()
@@ -136,12 +141,32 @@ def rate_limit(args: argparse.Namespace, tmp: str, n: int) -> None:
         print(f"  ratio ours / ray.data.llm: {rate / max(base_rate, 1e-9):.2f}")
 
 
+def token_limit(args: argparse.Namespace, tmp: str) -> None:
+    """The tokens-per-minute bucket as the binding limit: the server allows T tokens per sliding
+    minute (and no request limit); ours is set to the same T, with requests far above what T allows."""
+    tpm = args.tpm
+    with FakeTeacher(FakeTeacherConfig(tpm=int(tpm), latency_s=args.latency)) as teacher:
+        probe = ours(teacher, tmp, 20, 1e6, concurrency=8, workers=1)["stats"]
+        per_answer = (probe["prompt_tokens"] + probe["completion_tokens"]) / max(1, probe["answered"])
+        n = int(tpm / per_answer * args.seconds / 60 * 1.1) + 20
+        time.sleep(61)  # the probe's tokens leave the server's sliding minute
+        mine = ours(teacher, tmp, n, 1e6, concurrency=64, workers=4, tpm=tpm)
+        rate, limited = _rate(mine["stats"], args.seconds)
+        tokens_rate = rate * per_answer
+        print(f"token limit T={tpm:.0f} tokens/min (about {per_answer:.1f} tokens an answer: "
+              f"{tpm / per_answer:.0f} answers/min), {n} prompts, 4 workers")
+        print(f"  distill-ray generate: {tokens_rate:.0f} tokens/min over {args.seconds:.0f}s = {tokens_rate / tpm:.3f} x T "
+              f"({rate:.0f} answers/min); 429s {limited:.1%} of {mine['stats']['requests']} requests")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rpm", type=float, default=960, help="R: the server's global limit, requests/min")
     parser.add_argument("--seconds", type=float, default=120, help="measurement window for the rate")
     parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--tpm", type=float, default=60000, help="T: the server's global token limit, tokens/min")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-tokens", action="store_true")
     parser.add_argument("--skip-rate", action="store_true")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
@@ -151,6 +176,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
         if not args.skip_rate:
             rate_limit(args, tmp, n)
+        if not args.skip_tokens:
+            token_limit(args, tmp)
         if args.skip_throughput:
             return
         print(f"no limit, {args.latency * 1000:.0f} ms latency: answers/s (server ledger)")

@@ -60,6 +60,13 @@ def summary(config: PipelineConfig) -> str | None:
                          + ", ".join(f"{k} {v}" for k, v in sorted(p["served_by"].items()))
                          + (f", fallbacks {p['fallbacks']}" if p["fallbacks"] else "")
                          + f", served quality {p['served_quality']}, p95 {p['p95_ms']} ms, {p['errors']} errors")
+    from distill_ray.teacher.ledger import spend_by_step
+
+    for name, steps in spend_by_step(workdir, [t.name for t in config.teachers]).items():
+        if steps:
+            lines.append(f"teacher {name} spend: " + ", ".join(f"{step} ${usd:.4f}" for step, usd in steps.items())
+                         + f" (${sum(steps.values()):.4f} in all"
+                         + (f" of budget_usd {config.budget_usd:g})" if config.budget_usd is not None else ")"))
     drift = _read(workdir, "drift", "report.json")
     if drift:
         lines.append(f"drift: {drift['verdict']}" + (f" ({'; '.join(drift['reasons'])})" if drift["reasons"] else ""))

@@ -688,6 +688,14 @@ class Router:
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
+        leases = getattr(self, "teacher_ledger", None)
+        if leases is not None:
+            # Serve's graceful shutdown: book the teacher usage not yet settled, give back this replica's
+            # slots and reserved dollars now (not at lease_ttl_s, in the next step's way), and write the
+            # spend to the workdir: a local cluster ending with the app takes the ledger's memory along.
+            self.teacher_ledger = None
+            leases.close()
+            ray.get(leases.ledger.persist.remote(), timeout=10)
 
 
 def build_app(args: dict[str, Any]):

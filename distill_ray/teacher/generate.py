@@ -506,12 +506,19 @@ def _preflight(teacher: Teacher, workdir: Workdir, item: dict[str, Any], ledger:
 
 
 def summary(report: dict[str, Any], where: str, status: str) -> str:
+    budget = f" of budget_usd {report['budget_usd']:g}" if report.get("budget_usd") is not None else ""
     lines = [f"generate: {report['answered']}/{report['rows']} answers in {where} ({status}); "
-             f"spent ${report['spent_usd_total']:.4f} in all"]
+             f"spent ${report['spent_usd_total']:.4f} on generating in all; "
+             f"${report['spent_usd_all_steps']:.4f} on the teachers by every step{budget}"]
     for name, t in report["teachers"].items():
+        by_step = report["spend_by_step"].get(name) or {}
+        ledger = t.get("ledger") or {}
         lines.append(f"  {name}: asked {t['asked']}, answered now {t['answered_now']}, cached before "
                      f"{t['cached_before']}, this run ${t['spent_usd_this_run']:.4f}, errors {t['errors_by_kind'] or 0}"
-                     + (f", calls by node {t['calls_by_node']}" if t["calls_by_node"] else ""))
+                     + (f", calls by node {t['calls_by_node']}" if t["calls_by_node"] else "")
+                     + (", spend by step " + ", ".join(f"{k} ${v:.4f}" for k, v in by_step.items()) if by_step else "")
+                     + (f"; {ledger['reclaimed']} answers asked again after their worker died"
+                        if ledger.get("reclaimed") else ""))
     if report["errors_by_kind"]:
         lines.append(f"  rows with errors are asked again on the next run: {report['errors_by_kind']}")
     return "\n".join(lines)

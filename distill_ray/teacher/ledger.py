@@ -433,7 +433,7 @@ class LeaseClient:
     once when other holders wait for slots, and all unused permits and slots at `close`.
     """
 
-    def __init__(self, ledger, batch: int, holder: str, step: str, flush_s: float = 0.01, ttl_s: float = 30.0):
+    def __init__(self, ledger, batch: int, holder: str, step: str, flush_s: float = 0.05, ttl_s: float = 30.0):
         self.ledger, self.batch, self.flush_s = ledger, max(1, batch), flush_s
         self.holder, self.step, self.ttl_s = holder, step, ttl_s
         self.permits = 0  # request permits held, unused
@@ -523,7 +523,7 @@ class LeaseClient:
     def _schedule(self) -> None:
         p = self.pending
         if (p["count"] + len(p["answered_keys"]) >= 2 * self.batch or time.monotonic() - self.last_flush >= self.flush_s
-                or (self.contended and self._spare())):
+                or (self._spare() and (self.contended or not self.waiting))):
             self.flush()
         elif self.flush_timer is None:
             # Usage is booked, and idle slots given back, within flush_s.

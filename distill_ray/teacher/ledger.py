@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -443,8 +444,7 @@ class LeaseClient:
         self.fair = 1 << 30
         self.waiting = 0
         self.lock: asyncio.Lock | None = None
-        self.est_tokens = 0
-        self.est_cost = 0.0
+        self.reservations: deque[tuple[float, int]] = deque()  # (dollars, tokens) reserved per unused permit
         self.pending: dict[str, Any] = self._empty()
         self.last_flush = time.monotonic()
         self.flush_timer: asyncio.TimerHandle | None = None
@@ -486,6 +486,7 @@ class LeaseClient:
                     lease = await self.ledger.acquire.remote(self.holder, self.step, need_permits, need_slots,
                                                              est_tokens, est_cost, 0.0 if self.busy else SLOT_WAIT_S)
                     self.permits += lease.granted
+                    self.reservations.extend([(est_cost, est_tokens)] * lease.granted)
                     self.slots += lease.slots
                     self.contended, self.fair = lease.contended, lease.fair
                     if need_permits and lease.granted == 0:
@@ -494,7 +495,11 @@ class LeaseClient:
                         await asyncio.sleep(SLOT_WAIT_S / 5)  # none free anywhere: ask again shortly
                 self.permits -= 1
                 self.busy += 1
-                self.est_tokens, self.est_cost = est_tokens, est_cost
+                # The permit was reserved at the estimate of the request that leased it; this request
+                # settles at its own: book the difference, so exactly what was reserved comes back.
+                reserved_cost, reserved_tokens = self.reservations.popleft()
+                self.pending["est_cost"] += reserved_cost - est_cost
+                self.pending["token_correction"] += est_tokens - reserved_tokens
                 return True
         finally:
             self.waiting -= 1
@@ -560,9 +565,11 @@ class LeaseClient:
         self.flush()
         if self.permits or self.slots - self.busy:
             idle = self.slots - self.busy
-            self.ledger.settle.remote(self.holder, self.step, 0, 0, self.permits * self.est_cost, 0.0, slots=idle,
-                                      unused=self.permits, unused_tokens=self.permits * self.est_tokens)
+            self.ledger.settle.remote(self.holder, self.step, 0, 0, sum(c for c, _ in self.reservations), 0.0,
+                                      slots=idle, unused=self.permits,
+                                      unused_tokens=sum(t for _, t in self.reservations))
             self.permits, self.slots = 0, self.slots - idle
+            self.reservations.clear()
         self.ledger.release.remote(self.holder)
         if self.beat is not None:
             self.beat.cancel()

@@ -76,7 +76,7 @@ def ours(teacher: FakeTeacher, tmp: str, n: int, rpm: float, concurrency: int, w
         f"teachers.0.requests_per_minute={rpm}", f"teachers.0.max_concurrency={concurrency}",
         f"teachers.0.tokens_per_minute={tpm}",
         "teachers.0.max_retries=8", "teachers.0.timeout_s=30", f"generate.num_workers={workers}",
-        f"generate.batch_size={max(16, concurrency // workers)}", "generate.progress_every_s=30",
+        f"generate.batch_size={max(16, concurrency // workers // 2)}", "generate.progress_every_s=30",
     ])
     teacher.reset()
     start = time.monotonic()
@@ -121,10 +121,11 @@ async def _bare(base_url: str, n: int, concurrency: int) -> None:
 
 
 def _throughput(stats: dict, skip_first: bool) -> float:
-    """Answers/s between the first and last answer (after the driver's preflight one, for ours:
-    the worker pool starts several seconds after it)."""
+    """Steady answers/s: between the 10th and the 90th percentile answer (after the driver's preflight
+    one, for ours), so neither the worker pool's start-up nor the last stragglers count, for either."""
     stamps = sorted(stats["answered_timestamps"])[1 if skip_first else 0:]
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    lo, hi = len(stamps) // 10, len(stamps) * 9 // 10
+    return (hi - lo) / (stamps[hi] - stamps[lo]) if hi > lo else 0.0
 
 
 def rate_limit(args: argparse.Namespace, tmp: str, n: int) -> None:
@@ -183,7 +184,7 @@ def main() -> None:
         print(f"no limit, {args.latency * 1000:.0f} ms latency: answers/s (server ledger)")
         with FakeTeacher(FakeTeacherConfig(latency_s=args.latency)) as teacher:
             for concurrency in (8, 32, 128):
-                count = max(400, int(concurrency / args.latency * 4))
+                count = max(800, int(concurrency / args.latency * 6))
                 mine = ours(teacher, tmp, count, 1e7, concurrency=concurrency, workers=2)
                 ours_rps = _throughput(mine["stats"], skip_first=True)
                 teacher.reset()

@@ -277,7 +277,9 @@ class Generate(Strict):
 
     num_workers: int = Field(2, ge=1, description="Ray Data actors calling each teacher (spread over nodes).")
     batch_size: int = Field(32, ge=1, description="Prompts handed to a worker at once (all sent concurrently).")
-    batches_per_worker: int = Field(4, ge=1, description="Batches a worker runs at the same time.")
+    batches_per_worker: int = Field(
+        8, ge=1, description="Batches a worker runs at the same time (a batch ends with its slowest answer: more of "
+        "them keep the slots busy).")
     scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
         "SPREAD", description="Where the workers go: SPREAD over the nodes (their network, and a lost node loses "
         "few of them) or Ray's DEFAULT (fill the driver's node first).")

@@ -73,6 +73,7 @@ class _RowError(Exception):
         self.kind, self.param = kind, param
 
 
+_SPLICE = "\u0000distill-ray:messages\u0000"  # stands for the messages in a request body template
 # Parameters a 400 may name that are about the row, not the request's shape.
 ROW_PARAMS = {None, "", "messages", "prompt", "input"}
 
@@ -183,16 +184,33 @@ class TeacherClient:
         self.rng = rng or random.Random()
         self.url = chat_url(teacher)
         self.headers = auth_headers(teacher, api_key)
+        self.templates: dict[int, list[str]] = {}
 
-    async def complete(self, messages: list[dict[str, str]], sample: int = 0, idempotency_key: str | None = None) -> Answer:
-        """Ask until answered, a row error, or retries run out; never raises but for TeacherRejected."""
+    def _body(self, messages_json: str, sample: int) -> str:
+        """The request body with `messages_json` spliced in as it is (no parse and re-encode per row)."""
+        template = self.templates.get(sample)
+        if template is None:
+            template = self.templates[sample] = json.dumps(request_body(self.teacher, _SPLICE, sample)).split(
+                json.dumps(_SPLICE), 1)
+        return template[0] + messages_json + template[1]
+
+    async def complete(self, messages: list[dict[str, str]] | None, sample: int = 0, idempotency_key: str | None = None,
+                       messages_json: str | None = None) -> Answer:
+        """Ask until answered, a row error, or retries run out; never raises but for TeacherRejected.
+
+        `messages_json`, when given, is `messages` already encoded as JSON (the generate rows carry it)."""
         t = self.teacher
-        body = json.dumps(request_body(t, messages, sample))
+        if messages_json is not None:
+            body = self._body(messages_json, sample)
+            prompt_estimate = len(messages_json) // 4 + 3
+        else:
+            body = json.dumps(request_body(t, messages, sample))
+            prompt_estimate = estimate_tokens(messages)
         headers = dict(self.headers)
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key  # honoured by APIs that support it
-        est_tokens = estimate_tokens(messages) + t.max_tokens
-        est_cost = cost_usd(t, estimate_tokens(messages), t.max_tokens)
+        est_tokens = prompt_estimate + t.max_tokens
+        est_cost = cost_usd(t, prompt_estimate, t.max_tokens)
         answer = Answer()
         start = time.monotonic()
         for attempt in range(1, t.max_retries + 2):
@@ -203,7 +221,7 @@ class TeacherClient:
             used, cost, delay = 0, 0.0, None
             try:
                 parsed = await self._send(body, headers)
-                prompt_tokens = parsed["prompt_tokens"] or estimate_tokens(messages)
+                prompt_tokens = parsed["prompt_tokens"] or prompt_estimate
                 completion_tokens = parsed["completion_tokens"] or max(1, len(parsed["completion"]) // 4)
                 used = prompt_tokens + completion_tokens
                 cost = cost_usd(t, prompt_tokens, completion_tokens, parsed["cached_tokens"])

@@ -93,9 +93,9 @@ class TeacherWorker:
 
     async def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.client is None:
-            # One session per busy spell of the worker, made on its event loop: connections are kept
-            # alive across the batches it runs at once and back to back.
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
+            # One session for the worker's life, made on its event loop: connections are kept alive
+            # across the batches it runs at once and back to back.
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=15))
             self.client = TeacherClient(self.teacher, self.api_key, self.leases, session)
         self.active += 1
         client = self.client
@@ -107,11 +107,9 @@ class TeacherWorker:
             self.active -= 1
             self.leases.flush()
             if self.active == 0:
-                # Idle: give unused leases back to the other workers, and close the connections
-                # (an actor's end gives no chance to; the next batch opens new ones).
+                # Idle: give unused leases back to the other workers. The connections stay open for the
+                # next batch (the keep-alive timeout closes them when no batch comes).
                 self.leases.close()
-                self.client = None
-                await client.session.close()
 
     async def _claim(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The rows to send, and the results of rows not to send (answered already in this run)."""
@@ -141,7 +139,7 @@ class TeacherWorker:
                 "node": self.node}
 
     async def _one(self, client: TeacherClient, row: dict[str, Any]) -> dict[str, Any]:
-        answer = await client.complete(json.loads(row["request"]), row["sample"], idempotency_key=row["key"])
+        answer = await client.complete(None, row["sample"], idempotency_key=row["key"], messages_json=row["request"])
         if answer.error is None:
             record = {"key": row["key"], "teacher": self.teacher.name, "model": self.teacher.model,
                       "sample": row["sample"], "node": self.node, **answer.to_dict()}
@@ -453,8 +451,10 @@ class _Progress:
 
 
 def _lease_batch(teacher: Teacher, generate: Generate) -> int:
-    """Requests leased per actor call: small enough that workers cannot hoard the concurrency."""
-    return max(1, min(32, teacher.max_concurrency // generate.num_workers))
+    """Permits (and slots) leased per ledger call: a worker's share of the concurrency, up to 128 (slots
+    beyond a fair share go back when other workers wait for some; permits only ever reserve rate and
+    budget that the worker is about to use)."""
+    return max(1, min(128, teacher.max_concurrency // generate.num_workers))
 
 
 # What to change when a teacher refuses the request's shape: the config key for the parameter it names.

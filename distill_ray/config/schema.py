@@ -532,6 +532,15 @@ class PipelineConfig(Strict):
         return Train.model_validate({**self.train.model_dump(mode="json", by_alias=True), **student.train})
 
     @model_validator(mode="after")
+    def _vllm_replicas_per_node(self) -> PipelineConfig:
+        if self.serve.max_replicas_per_node is not None and self.serve.engine.backend == "vllm":
+            raise ValueError(
+                "serve.max_replicas_per_node: Ray Serve refuses it for replicas with placement groups, which "
+                "ray.serve.llm gives every vLLM replica; spread them with serve.student_resources instead (a custom "
+                "resource each node has one unit of, e.g. {worker_node: 1}), or set serve.engine.backend: transformers")
+        return self
+
+    @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
         for kind, items in (("teachers", self.teachers), ("students", self.students)):
             names = [item.name for item in items]

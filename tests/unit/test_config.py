@@ -54,6 +54,23 @@ def test_cross_field_rule_names_its_key(tmp_path):
     assert problem.key == "serve.teacher" and problem.line == 3 and "not a configured teacher" in problem.message
 
 
+def test_replicas_per_node_with_vllm_is_refused_with_the_way_out(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workdir: w\nserve:\n  max_replicas_per_node: 1\n")
+    (problem,) = _problems(cfg)
+    assert "serve.max_replicas_per_node" in f"{problem.key} {problem.message}"
+    assert "student_resources" in problem.message and "backend: transformers" in problem.message
+    assert load_config(cfg, ["serve.engine.backend=transformers"]).serve.max_replicas_per_node == 1
+
+
+def test_teacher_request_options_and_azure_need_their_version(tmp_path):
+    config = load_config(None, ["teachers.0.token_limit_param=max_completion_tokens", "teachers.0.temperature=null",
+                                "teachers.0.reasoning_effort=low"])
+    assert config.teachers[0].token_limit_param == "max_completion_tokens" and config.teachers[0].temperature is None
+    problems = _problems(None, ["teachers.0.api=azure"])
+    assert any("api_version" in p.message for p in problems)
+
+
 def test_overrides_are_typed_and_reach_list_items():
     config = load_config(None, [
         "train.epochs=5", "train.use_gpu=true", "prompts.holdout_fraction=0.2", "name=12345",

@@ -517,7 +517,8 @@ def summary(report: dict[str, Any], where: str, status: str) -> str:
                      f"{t['cached_before']}, this run ${t['spent_usd_this_run']:.4f}, errors {t['errors_by_kind'] or 0}"
                      + (f", calls by node {t['calls_by_node']}" if t["calls_by_node"] else "")
                      + (", spend by step " + ", ".join(f"{k} ${v:.4f}" for k, v in by_step.items()) if by_step else "")
-                     + (f"; {ledger['reclaimed']} answers asked again after their worker died"
+                     + (f"; {ledger['reclaimed']} answer keys claimed again after their worker died (sent by "
+                        "it or not)"
                         if ledger.get("reclaimed") else ""))
     if report["errors_by_kind"]:
         lines.append(f"  rows with errors are asked again on the next run: {report['errors_by_kind']}")

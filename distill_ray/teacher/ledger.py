@@ -127,7 +127,7 @@ class TeacherLedger:
         self.answered_keys: set[str] = set()
         self.claims: dict[str, str] = {}  # answer key -> holder asking for it now
         self.orphaned: set[str] = set()  # keys whose holder died asking for them
-        self.reclaimed = 0  # of those, claimed again (their first request may have been billed)
+        self.reclaimed = 0  # of those, answered by another holder (the dead one may have sent them: billed twice)
         self.skipped = 0  # claims refused because the key was answered already
         self.dirty = False
         self.last_persist = 0.0

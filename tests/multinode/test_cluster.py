@@ -172,8 +172,9 @@ def test_a_worker_node_killed_during_generate_loses_no_prompt_and_pays_once(clus
     by_node = _calls_by_node(workdir, cluster)
     print(f"\nkilled w1 after {killed_at} answers: {n} rows; in flight at the kill {abandoned}, billed twice "
           f"{len(twice)}; the ledger reclaimed {ledger['expired_slots']} slots of {ledger['expired_holders']} dead "
-          f"workers, asked {ledger['reclaimed']} answers again, skipped {ledger['skipped_answered']} answered ones in "
-          f"re-run batches; requests {stats['requests']}; answers by node {dict(by_node)}")
+          f"workers and {ledger['reclaimed']} answer keys they had claimed (sent or not), skipped "
+          f"{ledger['skipped_answered']} answered ones in re-run batches; requests {stats['requests']}; answers by node "
+          f"{dict(by_node)}")
     assert len(stats["billed_per_prompt"]) == n and set(stats["billed_per_prompt"].values()) <= {1, 2}
     assert len(twice) <= abandoned <= 8  # at most max_concurrency were in flight
     assert "w1" not in _nodes(cluster).values()  # w1 is dead: the others finished its share

@@ -76,7 +76,7 @@ def ours(teacher: FakeTeacher, tmp: str, n: int, rpm: float, concurrency: int, w
         f"teachers.0.requests_per_minute={rpm}", f"teachers.0.max_concurrency={concurrency}",
         f"teachers.0.tokens_per_minute={tpm}",
         "teachers.0.max_retries=8", "teachers.0.timeout_s=30", f"generate.num_workers={workers}",
-        f"generate.batch_size={max(16, concurrency // workers // 2)}", "generate.progress_every_s=30",
+        "generate.progress_every_s=30",
     ])
     teacher.reset()
     start = time.monotonic()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -574,8 +573,3 @@ class LeaseClient:
         if self.beat is not None:
             self.beat.cancel()
             self.beat = None
-
-
-def describe(state: dict) -> str:
-    return json.dumps({k: state[k] for k in ("in_flight", "holders", "expired_holders", "expired_slots", "reclaimed",
-                                             "throttled")})

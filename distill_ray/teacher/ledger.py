@@ -133,20 +133,21 @@ class TeacherLedger:
         self.lock = asyncio.Lock()  # FIFO: leases are granted in the order they were asked
         self.freed = asyncio.Event()  # set whenever in-flight slots come back
         self.slot_waiting: set[str] = set()  # holders that asked for slots and got none
+        self.requests: TokenBucket | None = None
+        self.tokens: TokenBucket | None = None
+        self.budget: float | None = None
         self.configure(1e9, 0, 4096, None)
 
     # Settings, per step: the step starting states its limits (a rerun may raise the budget).
 
     def configure(self, requests_per_minute: float, tokens_per_minute: float, max_concurrency: int,
                   budget_usd: float | None, lease_ttl_s: float = 30.0, burst_s: float = 1.0) -> dict:
-        old = getattr(self, "requests", None)
-        if old is None or old.rate != requests_per_minute / 60.0:
+        if self.requests is None or self.requests.rate != requests_per_minute / 60.0:
             self.requests = TokenBucket(requests_per_minute / 60.0, burst_s)
-        old_tokens = getattr(self, "tokens", None)
         rate = tokens_per_minute / 60.0
         if tokens_per_minute <= 0:
             self.tokens = None
-        elif old_tokens is None or old_tokens.rate != rate:
+        elif self.tokens is None or self.tokens.rate != rate:
             self.tokens = TokenBucket(rate, burst_s)
         self.max_concurrency = max_concurrency
         self.budget = budget_usd
@@ -391,13 +392,11 @@ class TeacherLedger:
 
     def state(self) -> dict:
         return {"answered": self.answered, "ended": self.ended, "in_flight": self.in_flight,
-                "spent_usd": self.spent, "reserved_usd": self.reserved, "budget_usd": getattr(self, "budget", None),
-                "rate_factor": round(self.factor, 3), "throttled": self.throttled,
-                "holders": len(getattr(self, "holders", {})), "expired_holders": getattr(self, "expired_holders", 0),
-                "expired_slots": getattr(self, "expired_slots", 0),
-                "reclaimed": getattr(self, "reclaimed", 0), "orphaned": len(getattr(self, "orphaned", ())),
-                "skipped_answered": getattr(self, "skipped", 0),
-                "by_step": {s: dict(r) for s, r in getattr(self, "by_step", {}).items()}}
+                "spent_usd": self.spent, "reserved_usd": self.reserved, "budget_usd": self.budget,
+                "rate_factor": round(self.factor, 3), "throttled": self.throttled, "holders": len(self.holders),
+                "expired_holders": self.expired_holders, "expired_slots": self.expired_slots,
+                "reclaimed": self.reclaimed, "orphaned": len(self.orphaned), "skipped_answered": self.skipped,
+                "by_step": {s: dict(r) for s, r in self.by_step.items()}}
 
 
 def ledger_name(teacher: str, workdir_uri: str) -> str:

@@ -454,15 +454,104 @@ class Eval(Strict):
     limit: int | None = Field(None, ge=1, description="Smoke knob: evaluate at most this many holdout prompts.")
 
 
+RolloutMode = Literal["shadow", "canary", "full"]
+CanaryPercent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False,
+                                       description="Share of users (sticky by user) served by the student.")]
+MinConfidence = Annotated[float, Field(le=0, allow_inf_nan=False, description=(
+    "Student answers below this mean token logprob fall back to the teacher (a mean logprob is at most 0)."))]
+LatencyBudgetMs = Annotated[float, Field(gt=0, allow_inf_nan=False, description=(
+    "Student answers slower than this fall back (for a stream: slower to its first stream_judge_tokens tokens)."))]
+
+
+class Rollout(Strict):
+    """The live routing settings: the one definition the config, `distill-ray rollout` and the serve
+    app's control endpoint all validate with (a bad value is refused wherever it comes from)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mode: RolloutMode = "shadow"
+    canary_percent: CanaryPercent = 0.0
+    min_confidence: MinConfidence = -0.3
+    latency_budget_ms: LatencyBudgetMs = 2000.0
+
+    @field_validator("canary_percent", "min_confidence", "latency_budget_ms", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # JSON's 25 is 25.0; strict mode refuses "25", true and null
+        return value
+
+
+class Guardrails(Strict):
+    """What a rollout stage must show before the plan advances, and what pulls it back at once.
+    Read from the live metrics of the requests the student handled in the stage (in shadow stages:
+    its background comparisons). null disables a guardrail."""
+
+    min_requests: int = Field(100, ge=1, description="Student requests a stage must see before it may advance.")
+    window_requests: int = Field(
+        50, ge=1, description="The guardrails are judged over the stage's last this many student requests: a break "
+        "there steps back at once (the stage is judged whole before it advances).")
+    max_fallback_rate: float | None = Field(0.3, ge=0, le=1, description="Student answers replaced by the teacher's.")
+    max_error_rate: float | None = Field(
+        0.05, ge=0, le=1, description="Student requests that failed (student errors, timeouts, error responses).")
+    max_p95_ms: float | None = Field(None, gt=0, description="p95 latency of the requests the student handled.")
+    min_shadow_agreement: float | None = Field(
+        0.8, ge=0, le=1, description="Shadow stages: mean agreement of the student's answers with the teacher's.")
+
+
+class RolloutStage(Strict):
+    """One stage of `serve.rollout_plan`: shadow, a canary share, or full (100)."""
+
+    stage: Literal["shadow"] | CanaryPercent = Field(description="'shadow' or the percent of users on the student.")
+    guardrails: dict[str, Any] = Field(default_factory=dict, description="Overrides of serve.guardrails.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, data: Any) -> Any:
+        return data if isinstance(data, dict) else {"stage": data}  # `shadow` or `25` alone
+
+    @property
+    def mode(self) -> RolloutMode:
+        if self.stage == "shadow":
+            return "shadow"
+        return "full" if self.stage >= 100 else "canary"
+
+    @property
+    def label(self) -> str:
+        return "shadow" if self.stage == "shadow" else f"{self.stage:g}%"
+
+
 class Serve(Strict):
-    mode: Literal["shadow", "canary", "full"] = "shadow"
+    mode: RolloutMode = "shadow"
     engine: Engine = Field(default_factory=Engine, description="The engine of each student replica.")
-    canary_percent: float = Field(5, ge=0, le=100, description="Share of users (sticky by user) served by the student.")
-    min_confidence: float | Literal["recommended"] = Field(
+    canary_percent: CanaryPercent = 5
+    min_confidence: MinConfidence | Literal["recommended"] = Field(
         -0.3, description="Student answers below this mean token logprob fall back to the teacher; 'recommended': the "
         "threshold eval recommends for the served student (the least fallback that keeps the bar).")
-    latency_budget_ms: float = Field(2000, gt=0, description="Student answers slower than this fall back (for a "
-                                     "stream: slower to its first stream_judge_tokens tokens).")
+    latency_budget_ms: LatencyBudgetMs = 2000
+    rollout_plan: list[RolloutStage] | None = Field(
+        None, description="Progressive rollout by itself: stages such as [shadow, 5, 25, 100] (each a stage, or "
+        "{stage: 25, guardrails: {...}}). The app starts at the first stage, advances when every guardrail holds "
+        "over the stage's requests, and steps back one stage at once when one breaks (then holds until "
+        "`distill-ray rollout --plan resume`). null: the rollout changes only by `distill-ray rollout`.")
+    guardrails: Guardrails = Field(default_factory=Guardrails, description="The rollout plan's guardrails per stage.")
+    skip_eval_gate: bool = Field(
+        False, description="Let a student that did not pass eval answer clients (canary, full). The serve app refuses "
+        "it otherwise, whoever asks.")
+    admin_token_env: str | None = Field(
+        "DISTILL_ADMIN_TOKEN", description="Env var holding the admin token for the control endpoints (rollout, "
+        "stats); the API token is refused there (403).")
+    allow_open_endpoint: bool = Field(
+        False, description="Serve without a token (auth_token_env / admin_token_env null). Refused unless set.")
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a client may ask for (400 above it).")
+    max_json_depth: int = Field(32, ge=2, le=256, description="Deepest JSON nesting a request body may have.")
+    log_flush_s: float = Field(
+        0.5, gt=0, le=60, description="Request log lines are written at least this often: at most this interval's "
+        "lines are lost when a router replica dies.")
+    log_queue_max: int = Field(
+        4096, ge=1, description="Request log lines a router replica holds unwritten; a full queue slows requests down "
+        "(backpressure) for up to log_block_s, then the line is dropped and counted.")
+    log_block_s: float = Field(2.0, ge=0, description="Longest wait of a request for room in a full log queue.")
     stream_judge_tokens: int = Field(
         4, ge=1, le=256, description="A streamed student answer is judged (mean token logprob against min_confidence) "
         "on its first this many tokens, held back until then; the rest streams as it is decoded. A stream that "
@@ -480,7 +569,7 @@ class Serve(Strict):
     num_replicas: int | Literal["auto"] = Field(1, description="Student replicas, or 'auto' for autoscaling.")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    log_batch_size: int = Field(64, ge=1, description="Request log lines written per batch.")
+    log_batch_size: int = Field(64, ge=1, description="Request log lines written per batch (at most).")
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="At most this many student replicas per node (1: every replica on another node, so "
         "losing a node loses one replica).")
@@ -559,8 +648,21 @@ class PipelineConfig(Strict):
                 raise ValueError(f"students.{student.name}.train: {problems}") from None
         if self.serve.student is not None and self.serve.student not in {s.name for s in self.students}:
             raise ValueError(f"serve.student '{self.serve.student}' is not a configured student")
-        if isinstance(self.serve.min_confidence, float) and self.serve.min_confidence > 0:
-            raise ValueError("serve.min_confidence: a mean token logprob is at most 0")
+        s = self.serve
+        if not s.allow_open_endpoint:
+            for key in ("auth_token_env", "admin_token_env"):
+                if getattr(s, key) is None:
+                    raise ValueError(f"serve.{key}: null leaves the endpoint open to anyone who reaches it; name the "
+                                     "environment variable holding the token, or set serve.allow_open_endpoint: true")
+        if s.auth_token_env is not None and s.auth_token_env == s.admin_token_env:
+            raise ValueError("serve.admin_token_env must name another variable than serve.auth_token_env (the admin "
+                             "token is apart from the API clients' token)")
+        for i, stage in enumerate(s.rollout_plan or []):
+            try:
+                Guardrails.model_validate({**s.guardrails.model_dump(), **stage.guardrails})
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"serve.rollout_plan.{i}.guardrails: {problems}") from None
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
         uses_reference = any(getattr(f, "kind", "") == "reference_match" for f in self.filters)

@@ -37,6 +37,12 @@ def answer_key(teacher: Teacher, messages: list[dict[str, str]], sample: int) ->
     return hashlib.sha256(json.dumps(params, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
+def messages_digest(messages: list[dict[str, str]]) -> str:
+    """SHA-256 of a conversation as the teacher was sent it: what a serve request log line records of
+    the teacher's request, so that the flywheel can tell which logged answers `answer_key` matches."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 class AnswerCache:
     """Durable answers of one teacher under `<workdir>/teacher/cache/<teacher>/` (or `parts`, e.g. the
     eval's judge calls)."""

@@ -7,7 +7,10 @@ per prompt and its category — first in shadow mode, then, after `distill-ray r
 canary (`serve.canary_percent`), again — then removes the app. `serve/replay.json` holds per phase
 who answered, the fallbacks by reason, latency and the quality of the served answers (against the
 reference where the log had one, else the teacher's holdout answer); the request logs feed
-`distill-ray drift`.
+`distill-ray drift`. Every replayed request says where it comes from (`x-distill-origin:
+replay:holdout`, logged as the line's `origin`), so drift compares it with the prompts it was drawn
+from, not with client traffic: the holdout keeps a minimum per category, so its mix is not the
+production mix and would otherwise read as a moved one.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_ma
 from distill_ray.metrics import metric
 from distill_ray.storage import Workdir
 from distill_ray.teacher.errors import MissingInput
-from distill_ray.teacher.generate import teacher_messages
 
 STEP = "serve"
+ORIGIN = "replay:holdout"  # the `x-distill-origin` of every replayed request: its traffic origin in the logs
 
 
 def run_replay(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -106,6 +109,9 @@ def _replay(config: PipelineConfig, url: str, prompts: list[dict[str, Any]], tar
             echo: Callable[[str], None]) -> dict[str, Any]:
     import openai
 
+    # imported here: it pulls in Ray Data, and drift imports this module for the replay sample
+    from distill_ray.teacher.generate import teacher_messages
+
     token = os.environ.get(config.serve.auth_token_env) if config.serve.auth_token_env else None
     score = metric("token_f1" if config.task.metric == "llm_judge" else config.task.metric, config.task.metric_pattern)
     max_tokens = config.teachers[0].max_tokens
@@ -122,7 +128,7 @@ def _replay(config: PipelineConfig, url: str, prompts: list[dict[str, Any]], tar
                     raw = await client.chat.completions.with_raw_response.create(
                         model=config.teachers[0].model, messages=teacher_messages(config.task, prompt["messages"]),
                         max_tokens=max_tokens, temperature=0.0, user=user,
-                        extra_headers={"x-category": prompt["category"]})
+                        extra_headers={"x-category": prompt["category"], "x-distill-origin": ORIGIN})
                 except openai.APIError as err:
                     return {"id": prompt["id"], "error": str(err)[:200], "latency_ms": (time.perf_counter() - t) * 1000}
                 chat = raw.parse()

@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from distill_ray.serve.step import rollout
 
-    rollout(_load(args), args.mode, args.percent, args.min_confidence)
+    rollout(_load(args), args.mode, args.percent, args.min_confidence, plan=args.plan)
     return 0
 
 
@@ -213,9 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--mode", choices=["shadow", "canary", "full"], default=None)
     roll.add_argument("--percent", type=float, default=None, help="canary share of users, 0-100")
     roll.add_argument("--min-confidence", type=float, default=None, help="fallback threshold (mean token logprob)")
+    roll.add_argument("--plan", choices=["pause", "resume"], default=None,
+                      help="pause serve.rollout_plan, or resume it (after a guardrail stepped it back)")
     drift = verb("drift", cmd_drift, "served traffic against the training prompts: mix, length, vocabulary, agreement",
                  f"distill-ray drift {EXAMPLE}")
     drift.add_argument("--fail-on-drift", action="store_true", help="exit 1 when the verdict is 'drift'")
+    verb("redistill", cmd_step, "the flywheel: distil again from the served traffic (new prompts only, the teacher "
+         "answers serve paid for reused), fine-tune the current student, promote it if it beats the current one",
+         f"distill-ray redistill {EXAMPLE}   # no-op until the served logs hold enough new prompts")
     run = verb("run", cmd_run, "run pipeline steps in order, skipping those already done",
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")

@@ -544,6 +544,9 @@ class Serve(Strict):
     allow_open_endpoint: bool = Field(
         False, description="Serve without a token (auth_token_env / admin_token_env null). Refused unless set.")
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a client may ask for (400 above it).")
+    categories: list[str] | None = Field(
+        None, description="The slices metrics are labelled with (x-category or metadata.category); any other value "
+        "counts as 'other', none sent as 'unknown'. null: the prompt set's categories (prompts/report.json).")
     max_json_depth: int = Field(32, ge=2, le=256, description="Deepest JSON nesting a request body may have.")
     log_flush_s: float = Field(
         0.5, gt=0, le=60, description="Request log lines are written at least this often: at most this interval's "

@@ -17,27 +17,11 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
-Mode = Literal["shadow", "canary", "full"]
+from distill_ray.config.schema import Rollout, RolloutMode
+
+Mode = RolloutMode
 BUCKETS = 10_000
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """The live routing settings (changed by `distill-ray rollout` without a restart)."""
-
-    mode: Mode = "shadow"
-    canary_percent: float = 0.0
-    min_confidence: float = -0.3
-    latency_budget_ms: float = 2000.0
-
-    def __post_init__(self):
-        if self.mode not in ("shadow", "canary", "full"):
-            raise ValueError(f"mode must be shadow, canary or full, not {self.mode!r}")
-        if not 0 <= self.canary_percent <= 100:
-            raise ValueError(f"canary_percent must be within 0..100, not {self.canary_percent}")
 
 
 def bucket(user_key: str, salt: str = "") -> int:

@@ -34,14 +34,28 @@ class ServeRefused(MissingInput):
     """Serving would be unsafe or impossible with this config (exit 2)."""
 
 
+def _eval_results(workdir: Workdir) -> dict[str, Any]:
+    if not workdir.exists("eval", "metrics.json"):
+        return {}
+    return json.loads(workdir.read_bytes("eval", "metrics.json")).get("students", {})
+
+
+def promoted(workdir: Workdir) -> dict[str, Any] | None:
+    """The student the flywheel (`distill-ray redistill`) found better than the served one, if any."""
+    if not workdir.exists("flywheel", "promoted.json"):
+        return None
+    return json.loads(workdir.read_bytes("flywheel", "promoted.json"))
+
+
 def pick_student(config: PipelineConfig, workdir: Workdir, mode: str) -> tuple[str, str, dict[str, Any] | None]:
-    """(name, checkpoint URI, its eval result) of the student to serve."""
-    metrics = None
-    if workdir.exists("eval", "metrics.json"):
-        metrics = json.loads(workdir.read_bytes("eval", "metrics.json"))
-    results = (metrics or {}).get("students", {})
+    """(name, checkpoint URI, its eval result) of the student to serve: serve.student, else the
+    flywheel's promoted student, else the smallest that passed eval (in shadow mode, where the
+    student never answers a client, the best by relative quality even if none passed)."""
+    results = _eval_results(workdir)
     if config.serve.student:
         name = config.serve.student
+    elif (best := promoted(workdir)) is not None:
+        return best["student"], best["checkpoint"], best.get("eval")
     else:
         if not results:
             raise ServeRefused(f"no eval results in {workdir.uri_of('eval')}: run `distill-ray eval` first, or name "
@@ -49,15 +63,36 @@ def pick_student(config: PipelineConfig, workdir: Workdir, mode: str) -> tuple[s
         passed = [r for r in results.values() if r["passed"]]
         if passed:
             name = min(passed, key=lambda r: (r["parameters"], -r["quality"]["overall"]["relative_quality"]))["student"]
-        elif mode == "shadow":
-            name = max(results.values(), key=lambda r: r["quality"]["overall"]["relative_quality"])["student"]
         else:
-            raise ServeRefused(f"no student passed eval, so none may answer clients in {mode} mode; serve in shadow "
-                               "mode, or name serve.student to override")
+            name = max(results.values(), key=lambda r: r["quality"]["overall"]["relative_quality"])["student"]
     manifest = read_manifest(workdir, f"students/{name}")
     if not manifest or manifest.get("status") != "complete":
         raise ServeRefused(f"student '{name}' has no finished training in {workdir.uri_of('students', name)}")
     return name, workdir.uri_of("students", name, "best"), results.get(name)
+
+
+def student_gate(config: PipelineConfig, workdir: Workdir, name: str) -> tuple[bool, str]:
+    """Whether the student may answer clients (canary, full): it passed eval (or the flywheel's
+    round eval that promoted it), or serve.skip_eval_gate says so. The serve app judges this itself."""
+    if config.serve.skip_eval_gate:
+        return True, "serve.skip_eval_gate is set"
+    best = promoted(workdir)
+    if best is not None and best["student"] == name:
+        return bool(best.get("passed")), f"the flywheel's eval (round {best.get('round')}) " + (
+            "passed" if best.get("passed") else "did not pass")
+    result = _eval_results(workdir).get(name)
+    if result is None:
+        return False, f"no eval result for '{name}' in {workdir.uri_of('eval', 'metrics.json')} (run `distill-ray eval`)"
+    if not result["passed"]:
+        return False, f"'{name}' did not pass eval (serve.skip_eval_gate overrides)"
+    return True, "passed eval"
+
+
+def known_categories(workdir: Workdir) -> list[str]:
+    """The prompt set's slices (the metrics' category labels), from prompts/report.json."""
+    if not workdir.exists("prompts", "report.json"):
+        return []
+    return sorted(json.loads(workdir.read_bytes("prompts", "report.json")).get("category_counts", {}))
 
 
 def resolve_min_confidence(config: PipelineConfig, result: dict[str, Any] | None) -> float:
@@ -74,16 +109,32 @@ def resolve_min_confidence(config: PipelineConfig, result: dict[str, Any] | None
     return -1e9 if threshold["min_confidence"] is None else float(threshold["min_confidence"])
 
 
+def _token_sha256(env: str | None, key: str) -> str | None:
+    """The SHA-256 of the token in `env` (the token never leaves this process), or of `<env>_SHA256`
+    where only the hash is mounted (a RayService)."""
+    if env is None:
+        return None
+    if os.environ.get(env):
+        return hashlib.sha256(os.environ[env].encode()).hexdigest()
+    digest = os.environ.get(f"{env}_SHA256", "").strip().lower()
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    raise ServeRefused(f"serve.{key}: environment variable {env} (or {env}_SHA256, the token's SHA-256) is not set; set "
+                       f"it, or set serve.{key}: null with serve.allow_open_endpoint: true for an open endpoint")
+
+
 def app_args(config: PipelineConfig, student: str, uri: str, result: dict[str, Any] | None = None) -> dict[str, Any]:
     config = config.model_copy(update={"serve": config.serve.model_copy(
         update={"min_confidence": resolve_min_confidence(config, result)})})
     s = config.serve
-    token = os.environ.get(s.auth_token_env) if s.auth_token_env else None
-    if s.auth_token_env and not token:
-        raise ServeRefused(f"serve.auth_token_env: environment variable {s.auth_token_env} is not set (the bearer token "
-                           "clients must send); set it, or set serve.auth_token_env: null for an open endpoint")
+    if s.mode != "shadow":
+        passed, why = student_gate(config, Workdir(config.workdir), student)
+        if not passed:
+            raise ServeRefused(f"student '{student}' may not answer clients in {s.mode} mode: {why}; serve in shadow "
+                               "mode (or with serve.rollout_plan), or set serve.skip_eval_gate: true")
     return {"config": config.model_dump(mode="json", by_alias=True), "student_uri": uri, "student_name": student,
-            "token_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
+            "token_sha256": _token_sha256(s.auth_token_env, "auth_token_env"),
+            "admin_sha256": _token_sha256(s.admin_token_env, "admin_token_env"),
             "rollout": {"mode": s.mode, "canary_percent": s.canary_percent, "min_confidence": s.min_confidence,
                         "latency_budget_ms": s.latency_budget_ms}}
 
@@ -115,7 +166,7 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
          + (f" ({s.canary_percent:g}% of users)" if s.mode == "canary" else "")
          + f"; fallback to teacher below confidence {args['rollout']['min_confidence']:g}; logs in "
            f"{workdir.uri_of('serve', 'logs')}")
-    _record_rollout(workdir, args["rollout"], "serve", name)
+    record_rollout(workdir, args["rollout"], "serve", name)
     return {"url": url, "student": name, "checkpoint": uri, "rollout": args["rollout"]}
 
 
@@ -150,44 +201,73 @@ def stop(config: PipelineConfig, echo: Callable[[str], None] = print) -> None:
 
 
 def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min_confidence: float | None,
-            echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Change the live app's rollout in place (no restart); `--percent 0` is the instant rollback.
+            echo: Callable[[str], None] = print, plan: str | None = None) -> dict[str, Any]:
+    """Change the live app's rollout in place (no restart); `--percent 0` is the instant rollback;
+    `plan` ('pause' or 'resume') steers serve.rollout_plan.
 
-    Sent to the app over HTTP (`POST /v1/distill/rollout`, with the serve token), which sets the
-    rollout control actor every router replica polls; then waits until the app reports it."""
-    from distill_ray.serve.policy import Rollout
+    Sent to the app over HTTP (`POST /v1/distill/rollout`, with the admin token). The app validates
+    the values with the config's own `Rollout` and enforces the eval gate; this only checks first,
+    to say what is wrong before anything is sent."""
+    from pydantic import ValidationError
+
+    from distill_ray.config.schema import Rollout
 
     workdir = Workdir(config.workdir)
     current = fetch_stats(config)["rollout"]
+    if plan is not None:
+        answer = _call(config, "/v1/distill/rollout", {"plan": plan})
+        status = answer.get("plan") or {}
+        echo(f"rollout: plan {plan}d at stage {status.get('stage')} (mode {answer['rollout']['mode']}, canary "
+             f"{answer['rollout']['canary_percent']:g}%)")
+        return answer["rollout"]
     changes = {k: v for k, v in (("mode", mode), ("canary_percent", percent), ("min_confidence", min_confidence))
                if v is not None}
-    wanted = {**current, **changes}
     try:
-        Rollout(**wanted)  # validates before anything changes
-    except ValueError as exc:
-        raise ServeRefused(f"rollout: {exc}") from None
+        wanted = Rollout.model_validate({**current, **changes}).model_dump()  # validated before anything changes
+    except ValidationError as exc:
+        raise ServeRefused("rollout: " + "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                                   for e in exc.errors())) from None
+    try:
+        answer = _call(config, "/v1/distill/rollout", changes)
+    except StepFailed as exc:
+        if "HTTP 409" in str(exc) or "HTTP 400" in str(exc):
+            raise ServeRefused(f"rollout refused by the app: {exc}") from None
+        raise
     student, _ = _deployed_student(workdir)
-    if wanted["mode"] != "shadow" and not config.serve.student:
-        results = json.loads(workdir.read_bytes("eval", "metrics.json"))["students"] if workdir.exists(
-            "eval", "metrics.json") else {}
-        if not results.get(student, {}).get("passed"):
-            raise ServeRefused(f"student '{student}' did not pass eval, so it may not answer clients in {wanted['mode']} "
-                               "mode; name serve.student to override")
-    _call(config, "/v1/distill/rollout", changes)
-    _record_rollout(workdir, wanted, "rollout", student)
+    record_rollout(workdir, wanted, "rollout", student)
     _wait_for_rollout(config, wanted)
     echo(f"rollout: mode {wanted['mode']}, canary {wanted['canary_percent']:g}%, min_confidence "
-         f"{wanted['min_confidence']:g} (was mode {current['mode']}, canary {current['canary_percent']:g}%)")
+         f"{wanted['min_confidence']:g} (was mode {current['mode']}, canary {current['canary_percent']:g}%)"
+         + ("; the rollout plan is paused (`distill-ray rollout --plan resume` re-arms it)"
+            if (answer.get("plan") or {}).get("held") else ""))
     return wanted
 
 
+def hand_to_rollout(config: PipelineConfig, name: str, uri: str, echo: Callable[[str], None] = print) -> bool:
+    """A new student (the flywheel's) for the live app: redeployed to start again at the rollout
+    plan's first stage (shadow mode without a plan). False when no app is live: the next
+    `distill-ray serve` picks it (flywheel/promoted.json)."""
+    try:
+        fetch_stats(config)
+    except StepFailed:
+        echo(f"serve: no live app at {config.serve.host}:{config.serve.port}; `distill-ray serve` will serve '{name}'")
+        return False
+    update = {"student": name, "mode": "shadow"}
+    deploy(config.model_copy(update={"serve": config.serve.model_copy(update=update)}), echo)
+    echo(f"serve: '{name}' ({uri}) deployed, from the first stage of the rollout")
+    return True
+
+
 def _call(config: PipelineConfig, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """GET (or, with a body, POST) one of the app's JSON endpoints with the serve token."""
+    """GET (or, with a body, POST) one of the app's control endpoints with the admin token."""
     s = config.serve
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(f"http://{s.host}:{s.port}{path}", data=data,
                                      headers={"Content-Type": "application/json"} if data else {})
-    token = os.environ.get(s.auth_token_env) if s.auth_token_env else None
+    token = os.environ.get(s.admin_token_env) if s.admin_token_env else None
+    if s.admin_token_env and not token:
+        raise ServeRefused(f"serve.admin_token_env: environment variable {s.admin_token_env} is not set (the admin "
+                           "token the control endpoints take)")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -235,14 +315,32 @@ def format_stats(stats: dict[str, Any]) -> str:
              f"min_confidence {r['min_confidence']}",
              f"requests {stats['requests']}: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["served_by"].items()))
              + f"; fallbacks {stats['fallbacks'] or 0} (rate {stats['fallback_rate']}); errors {stats['errors'] or 0}"]
+    gate = stats.get("eval_gate") or {}
+    if gate and not gate.get("passed"):
+        lines.append(f"eval gate: closed ({gate.get('reason')}): the student may not answer clients")
+    plan = stats.get("plan")
+    if plan:
+        held = f"; held: {plan['held']}" if plan.get("held") else ""
+        lines.append(f"rollout plan {' -> '.join(plan['stages'])}: at {plan['stage']}, {plan['stage_requests']}/"
+                     f"{plan['min_requests']} student requests; last window {json.dumps(plan['window'])}{held}")
+        for d in plan.get("decisions", [])[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
+            lines.append(f"  {when} {d['action']} {d['from']} -> {d['to']}: {d['reason']} {json.dumps(d['figures'])}")
     breaker = stats.get("student_breaker") or {}
     if breaker.get("state", "closed") != "closed" or breaker.get("opened"):
         lines.append(f"student circuit breaker: {breaker['state']} (opened {breaker['opened']} times)")
     for who, lat in sorted(stats["latency"].items()):
         lines.append(f"latency {who}: p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms "
                      f"({lat['count']} requests)")
+    for category, sl in (stats.get("slices") or {}).items():
+        lines.append(f"slice {category}: {sl['requests']} requests, {sl['student_requests']} to the student, fallback "
+                     f"rate {sl['fallback_rate']}, p95 {sl['p95_ms']} ms, mean confidence {sl['mean_confidence']}")
     for category, a in stats["shadow_agreement"].items():
         lines.append(f"shadow agreement {category}: {a['agreement']:.3f} over {a['requests']} requests")
+    log = stats.get("request_log") or {}
+    if log:
+        lines.append(f"request log: {log.get('written')} lines written, {log.get('queued')} queued, {log.get('dropped')} "
+                     f"dropped, {log.get('write_failures')} write failures")
     return "\n".join(lines)
 
 
@@ -260,12 +358,16 @@ def _wait_healthy(host: str, port: int, timeout_s: float) -> None:
     raise StepFailed(f"serve: the app did not answer {url} within {timeout_s:.0f}s (see the Serve logs)")
 
 
-def _record_rollout(workdir: Workdir, rollout: dict[str, Any], by: str, student: str) -> None:
-    """`serve/rollout.json`: the live rollout and its history (who changed what, when)."""
+def record_rollout(workdir: Workdir, rollout: dict[str, Any], by: str, student: str,
+                   decision: dict[str, Any] | None = None) -> None:
+    """`serve/rollout.json`: the live rollout and its history (who changed what, when; the plan's
+    decisions with their figures)."""
     history = []
     if workdir.exists("serve", "rollout.json"):
         history = json.loads(workdir.read_bytes("serve", "rollout.json")).get("history", [])
     entry = {**rollout, "student": student, "by": by, "time": time.time()}
+    if decision is not None:
+        entry["decision"] = decision
     workdir.write_json({"current": entry, "history": [*history, entry][-200:]}, "serve", "rollout.json")
 
 

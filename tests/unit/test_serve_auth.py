@@ -1,0 +1,39 @@
+"""The serve app's secrets: only the tokens' hashes leave the machine that holds the tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+import yaml
+
+from distill_ray.config.schema import Serve
+from distill_ray.serve.step import ServeRefused, _token_sha256
+from tests.conftest import ROOT
+
+
+def test_the_hash_comes_from_the_token_or_from_a_mounted_hash(monkeypatch):
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    monkeypatch.setenv("T_ENV", "s3cret")
+    assert _token_sha256("T_ENV", "auth_token_env") == digest
+    monkeypatch.delenv("T_ENV")
+    monkeypatch.setenv("T_ENV_SHA256", digest.upper())
+    assert _token_sha256("T_ENV", "auth_token_env") == digest
+    monkeypatch.setenv("T_ENV_SHA256", "not-a-hash")
+    with pytest.raises(ServeRefused, match="serve.auth_token_env: environment variable T_ENV"):
+        _token_sha256("T_ENV", "auth_token_env")
+    assert _token_sha256(None, "admin_token_env") is None
+
+
+def test_the_rayservice_mounts_hashes_only():
+    text = (ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text()
+    manifest = yaml.safe_load(re.sub(r"\$\{(\w+)\}", r"\1", text))
+    env = {e["name"]: e for c in manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+           for e in c.get("env", [])}
+    defaults = Serve()
+    for var in (defaults.auth_token_env, defaults.admin_token_env):
+        assert var not in text.replace(f"{var}_SHA256", "")  # the token itself is mounted nowhere
+        ref = env[f"{var}_SHA256"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "serve-auth-token" and ref["key"] in ("sha256", "admin-sha256")
+    assert "key: token" not in text

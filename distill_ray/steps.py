@@ -34,6 +34,14 @@ def always(config: PipelineConfig) -> bool:
     return True
 
 
+def when_served(config: PipelineConfig) -> bool:
+    """redistill asks the teacher only about served prompts: not before the serve app logged any."""
+    from distill_ray.serve.logs import LOG_DIR
+    from distill_ray.storage import Workdir
+
+    return Workdir(config.workdir).exists(*LOG_DIR)
+
+
 def when_judging(config: PipelineConfig) -> bool:
     """eval calls a teacher only for the LLM-judge metric."""
     return config.task.metric == "llm_judge"
@@ -71,6 +79,9 @@ STEPS: dict[str, Step] = {step.name: step for step in (
     # shadow mode, then in canary; the teacher answers (shadow) and catches fallbacks.
     Step("replay", "distill_ray.serve.replay:run_replay", calls_teacher=always),
     Step("drift", "distill_ray.drift:run_drift"),
+    # The flywheel: a round of prompts, teacher (reusing the answers serve paid for), filter, train and
+    # eval on the served traffic, the current student fine-tuned further; a no-op without new traffic.
+    Step("redistill", "distill_ray.flywheel.redistill:run_redistill", calls_teacher=when_served),
 )}
 
 

@@ -51,10 +51,10 @@ def run_replay(config: PipelineConfig, echo: Callable[[str], None] = print) -> d
     if manifest := up_to_date(workdir, record):
         echo(f"replay: up to date ({workdir.uri_of(STEP, 'replay.json')}); nothing to do")
         return manifest
-    env = config.serve.auth_token_env
-    if env and not os.environ.get(env):
-        os.environ[env] = secrets.token_urlsafe(24)  # this run's own token, known to this process only
-        echo(f"replay: {env} is not set; using a random bearer token for this run")
+    for env in (config.serve.auth_token_env, config.serve.admin_token_env):
+        if env and not os.environ.get(env):
+            os.environ[env] = secrets.token_urlsafe(24)  # this run's own token, known to this process only
+            echo(f"replay: {env} is not set; using a random token for this run")
     prompts = replay_sample(workdir.read_table("prompts", "holdout").to_pylist(), config.serve.replay_requests)
     references = _targets(workdir, config)
     shadow_config = config.model_copy(update={"serve": config.serve.model_copy(update={"mode": "shadow"})})
@@ -112,7 +112,10 @@ def _replay(config: PipelineConfig, url: str, prompts: list[dict[str, Any]], tar
     # imported here: it pulls in Ray Data, and drift imports this module for the replay sample
     from distill_ray.teacher.generate import teacher_messages
 
-    token = os.environ.get(config.serve.auth_token_env) if config.serve.auth_token_env else None
+    # The admin token: the app takes the x-distill-origin tag (this traffic is the holdout, not clients')
+    # only from a request that carries it.
+    env = config.serve.admin_token_env or config.serve.auth_token_env
+    token = os.environ.get(env) if env else None
     score = metric("token_f1" if config.task.metric == "llm_judge" else config.task.metric, config.task.metric_pattern)
     max_tokens = config.teachers[0].max_tokens
 

@@ -22,7 +22,7 @@ from distill_ray.storage import Workdir
 from distill_ray.teacher.ledger import NAMESPACE, ledger_name, read_spend
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 from tests.integration.test_generate import KEY_ENV, N_PROMPTS, _answers, _config_file, _workdir, prompt_set  # noqa: F401
-from tests.integration.test_serve import TOKEN, TOKEN_ENV, _free_port, _student
+from tests.integration.test_serve import ADMIN, ADMIN_ENV, TOKEN, TOKEN_ENV, _free_port, _student
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 # At $1000 / $2000 per 1M input / output tokens a generate answer costs about $0.025 (all 40: $1),
@@ -63,6 +63,7 @@ def test_generate_judge_and_serve_never_spend_above_one_budget(prompt_set, tmp_p
             "eval": {"judge_max_tokens": JUDGE_MAX_TOKENS},
             "students": [{"name": "mini", "base_model": "unused"}],
             "serve": {"student": "mini", "mode": "shadow", "port": port, "auth_token_env": TOKEN_ENV,
+                      "admin_token_env": ADMIN_ENV,
                       "log_batch_size": 4, "engine": {"backend": "transformers"}},
         })
         path.write_text(json.dumps(config_dict))
@@ -100,7 +101,7 @@ def test_generate_judge_and_serve_never_spend_above_one_budget(prompt_set, tmp_p
 
         # 3. serve in shadow mode, same workdir and budget: the teacher answers until the budget is spent.
         t0 = time.perf_counter()
-        os.environ[TOKEN_ENV] = TOKEN
+        os.environ[TOKEN_ENV], os.environ[ADMIN_ENV] = TOKEN, ADMIN
         try:
             deployed = deploy(config, echo=lambda _: None)
             timings["serve_deploy"] = time.perf_counter() - t0
@@ -128,6 +129,7 @@ def test_generate_judge_and_serve_never_spend_above_one_budget(prompt_set, tmp_p
             serve.delete("distill")
             serve.shutdown()
             os.environ.pop(TOKEN_ENV, None)
+            os.environ.pop(ADMIN_ENV, None)
         spend = read_spend(workdir, teacher["name"])  # as written when serve stopped
         ray.kill(ray.get_actor(ledger_name(teacher["name"], workdir.uri), namespace=NAMESPACE))
 

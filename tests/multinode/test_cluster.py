@@ -29,6 +29,7 @@ from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
 pytestmark = pytest.mark.multinode
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
 SERVE_TOKEN_ENV = "DISTILL_TEST_SERVE_TOKEN"
+ADMIN_TOKEN_ENV = "DISTILL_TEST_ADMIN_TOKEN"
 
 
 def _helper():
@@ -44,6 +45,7 @@ def cluster(tmp_path_factory):
     head = _helper()
     state_dir = tmp_path_factory.mktemp("cluster")
     os.environ.setdefault(SERVE_TOKEN_ENV, "multinode-serve-token-not-a-secret")  # the nodes inherit it
+    os.environ.setdefault(ADMIN_TOKEN_ENV, "multinode-admin-token-not-a-secret")
     base = ["--state-dir", str(state_dir)]
     assert head.main(["start", *base, "--workers", "2", "--num-cpus", "1", "--worker-cpus", "2",
                       "--auth", "disabled", "--cwd", str(ROOT)]) == 0
@@ -213,7 +215,8 @@ def test_train_spreads_two_deepspeed_workers_over_two_nodes_then_serve_survives_
         text["serve"] = {"student": "mini", "mode": "full", "min_confidence": -1000, "latency_budget_ms": 5000,
                          "num_replicas": 2, "proxy_location": "HeadOnly",
                          "router_resources": {"node_head": 0.01}, "student_resources": {"worker_node": 1},
-                         "port": port, "auth_token_env": SERVE_TOKEN_ENV}
+                         "port": port, "auth_token_env": SERVE_TOKEN_ENV, "admin_token_env": ADMIN_TOKEN_ENV,
+                         "skip_eval_gate": True}
         config.write_text(json.dumps(text))
         for step in ("prompts", "generate", "filter", "train"):
             out = _cli(cluster, step, str(config))

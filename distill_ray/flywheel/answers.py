@@ -17,13 +17,15 @@ fallbacks) is put into that cache when it is the answer generate would have paid
 
 Only the rest is asked for, through `ask_teacher` on the pipeline's workdir: its ledger is the one
 generate, eval's judge and the live serve app draw on, so the requests-per-minute and concurrency limits
-hold across the round and live traffic, and `budget_usd` counts every step's spend (this one's as
-`redistill` in `teacher/report.json`'s spend by step and the ledger file).
+hold across the round and live traffic, and `budget_usd` counts every step's spend (this one's is
+`redistill` in the ledger's spend by step, `<workdir>/teacher/ledger/<teacher>.json`).
 
-A reused answer has no token logprobs: the router asks for none. Its row has empty `token_logprobs` and
-`top_logprobs` and a null `mean_logprob`, so a `min_mean_logprob` filter drops it ("the teacher returned
-no logprobs") and logit distillation trains on it with plain SFT. Its cost was counted in serve's
-spend when it was paid; its row keeps that cost (eval prices the teacher with it).
+A reused answer has no token logprobs: the router asks for none (were it to log `tokens`,
+`token_logprobs` and `top_logprobs` in its `teacher` record, they would be kept). Its row has empty
+`token_logprobs` and `top_logprobs` and a null `mean_logprob`, so a `min_mean_logprob` filter drops it
+("the teacher returned no logprobs"): with that filter a round trains on the answers it asked for only
+(the summary counts the drops). Logit distillation trains on it with plain SFT. Its cost was counted in
+serve's spend when it was paid; its row keeps that cost (eval prices the teacher with it).
 """
 
 from __future__ import annotations
@@ -89,8 +91,10 @@ def logged_calls(lines: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
 def _cache_record(key: str, teacher: Teacher, called: dict[str, Any]) -> dict[str, Any]:
     latency = called.get("latency_ms")
     return {"key": key, "teacher": teacher.name, "model": teacher.model, "sample": 0, "node": FROM_LOGS,
-            "request_id": called.get("request_id"), "completion": called["answer"], "tokens": [],
-            "token_logprobs": [], "top_logprobs": [], "prompt_tokens": called.get("prompt_tokens") or 0,
+            "request_id": called.get("request_id"), "completion": called["answer"],
+            # Empty unless the router logged the logprobs it asked for (it asks for none today).
+            "tokens": called.get("tokens") or [], "token_logprobs": called.get("token_logprobs") or [],
+            "top_logprobs": called.get("top_logprobs") or [], "prompt_tokens": called.get("prompt_tokens") or 0,
             "completion_tokens": called.get("completion_tokens") or 0, "cached_tokens": called.get("cached_tokens") or 0,
             "reasoning_tokens": 0, "finish_reason": "stop", "latency_s": latency / 1000 if latency else None,
             "attempts": 1, "cost_usd": called.get("cost_usd") or 0.0, "error": None, "error_kind": None}

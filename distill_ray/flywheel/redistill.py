@@ -36,7 +36,6 @@ from distill_ray.config.schema import PipelineConfig, Student
 from distill_ray.flywheel.answers import round_answers
 from distill_ray.flywheel.served import (
     SeenPrompts,
-    Selection,
     conversation_text,
     log_files,
     read_log_files,
@@ -127,7 +126,7 @@ def _start_round(config: PipelineConfig, workdir: Workdir, echo: Callable[[str],
         return None
     selection = select_new_prompts(read_log_files(workdir, new_files), _seen_prompts(config, workdir, previous),
                                    config.prompts)
-    echo(_selection_line(selection, len(new_files)))
+    echo(_selection_line(selection.counts(), len(new_files)))
     if selection.new_prompts < MIN_NEW_PROMPTS:
         echo(f"redistill: not enough new served traffic ({selection.new_prompts} new prompts; a round needs "
              f"{MIN_NEW_PROMPTS}); nothing to do")
@@ -142,14 +141,15 @@ def _start_round(config: PipelineConfig, workdir: Workdir, echo: Callable[[str],
     return n
 
 
-def _selection_line(s: Selection, files: int) -> str:
-    seen = ", ".join(f"{k} {v}" for k, v in sorted(s.seen_before.items())) or "none"
-    skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
-    mix = ", ".join(f"{c} {100 * v / max(1, s.client_requests):.0f}%" for c, v in
-                    sorted(s.served_mix.items(), key=lambda kv: -kv[1]))
-    return (f"redistill: {s.lines_read} request log lines in {files} new files: {s.client_requests} client requests "
-            f"(not served traffic: {skipped}); {s.unique_prompts} unique prompts, seen in an earlier prompt set: "
-            f"{seen}; {s.new_prompts} new, {len(s.chosen)} taken in the served mix ({mix})")
+def _selection_line(s: dict[str, Any], files: int) -> str:
+    """One line on what the new log files held (`Selection.counts()`)."""
+    seen = ", ".join(f"{k} {v}" for k, v in sorted(s["seen_before"].items())) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())) or "none"
+    mix = ", ".join(f"{c} {100 * v / max(1, s['client_requests']):.0f}%" for c, v in
+                    sorted(s["served_mix"].items(), key=lambda kv: -kv[1]))
+    return (f"redistill: {s['lines_read']} request log lines in {files} new files: {s['client_requests']} client "
+            f"requests (not served traffic: {skipped}); {s['unique_prompts']} unique prompts, seen in an earlier "
+            f"prompt set: {seen}; {s['new_prompts']} new, {s['chosen']} taken in the served mix ({mix})")
 
 
 def round_config(config: PipelineConfig, where: Workdir, n: int, current: dict[str, str], prompts: int,
@@ -272,11 +272,16 @@ def _report(n: int, where: Workdir, state: dict[str, Any], config: PipelineConfi
             current: dict[str, str], current_quality: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     gain = new["quality"]["overall"]["relative_quality"] - current_quality["overall"]["relative_quality"]
     prompts = where.read_json("prompts", "report.json")
+    filtered = where.read_json("filtered", "report.json")
+    no_logprobs = sum(1 for r in where.read_table("filtered", "rows").to_pylist()
+                      if (r["drop_reason"] or "").endswith("the teacher returned no logprobs"))
     return {
         "round": n, "workdir": where.uri, "log_files": len(state["log_files"]), "selection": state["selection"],
         "prompts": {"train": prompts["train"], "holdout": prompts["holdout"],
                     "category_counts": {k: prompts["category_counts"][k] for k in ("train", "holdout")}},
         "teacher": teacher["counts"]["teachers"],
+        "filtered": {"kept": filtered["kept"], "rows": filtered["rows"], "dropped_by_reason": filtered["dropped_by_reason"],
+                     "dropped_without_logprobs": no_logprobs},
         "current": {**current, "quality": current_quality},
         "new": {"student": new["student"], "checkpoint": new["checkpoint"], "passed": new["passed"],
                 "failed": new["failed"], "quality": new["quality"]},
@@ -303,13 +308,20 @@ def _hand_over(config: PipelineConfig, promoted: dict[str, Any], echo: Callable[
 
 def summary(report: dict[str, Any]) -> str:
     """The round's one-screen summary."""
-    lines = [f"redistill: round {report['round']}: {report['prompts']['train']} train + {report['prompts']['holdout']} "
+    lines = [_selection_line(report["selection"], report["log_files"]),
+             f"redistill: round {report['round']}: {report['prompts']['train']} train + {report['prompts']['holdout']} "
              f"holdout prompts from served traffic in {report['workdir']}"]
     for name, t in report["teacher"].items():
         refused = ", ".join(f"{k} {v}" for k, v in sorted(t["logs_not_reusable"].items()))
         lines.append(f"  teacher {name}: {t['answers_needed']} answers needed: {t['from_logs']} reused from the request "
                      f"logs, {t['from_cache']} from the teacher cache, {t['asked']} asked (${t['spent_usd_this_run']:.4f})"
                      + (f"; logged answers not reusable: {refused}" if refused else ""))
+    f = report["filtered"]
+    lines.append(f"  filter: kept {f['kept']} of {f['rows']}"
+                 + (f" (dropped: {', '.join(f'{k} {v}' for k, v in f['dropped_by_reason'].items())})"
+                    if f["dropped_by_reason"] else "")
+                 + (f"; {f['dropped_without_logprobs']} of the drops: answers without logprobs (reused from the logs)"
+                    if f["dropped_without_logprobs"] else ""))
     q, new, cur = report["quality"], report["new"], report["current"]
     lines.append(f"  on the round's holdout ({q['holdout_rows']} rows, {q['metric']}): current {cur['student']} "
                  f"relative quality {q['current']:.3f}, new {new['student']} {q['new']:.3f} (gain {q['gain']:+.3f}; "

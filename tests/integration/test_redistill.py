@@ -26,10 +26,12 @@ from distill_ray.cli import main
 from distill_ray.config import load_config
 from distill_ray.config.schema import Prompts, Teacher
 from distill_ray.flywheel.answers import FROM_LOGS, reuse_verdict
+from distill_ray.flywheel.redistill import current_student
 from distill_ray.flywheel.served import SeenPrompts, conversation_text, select_new_prompts
 from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, messages_digest
 from distill_ray.teacher.client import cost_usd
+from distill_ray.teacher.errors import MissingInput
 from distill_ray.teacher.generate import teacher_messages
 from distill_ray.teacher.ledger import read_spend
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, prompt_key
@@ -95,6 +97,33 @@ def test_new_prompts_are_taken_in_the_served_mix_and_never_from_earlier_sets():
     assert selection.quotas == {"shipping": 8, "account": 12}
     assert len(selection.chosen) == 20
     assert not {conversation_text(c["prompt"]) for c in selection.chosen} & seen.texts
+
+
+def test_the_current_student_is_the_served_one_wherever_it_was_trained(tmp_path):
+    workdir = Workdir(str(tmp_path / "run"))
+    config = load_config(None, [f"workdir={workdir.uri}", "students=[{name: mini, base_model: smollm2}]",
+                                "serve.student=mini"])
+    done = {"status": "complete"}
+    workdir.write_json(done, "students", "mini", "manifest.json")
+    # Nothing served yet: the student serve would pick.
+    assert current_student(config, workdir) == {"student": "mini", "checkpoint": workdir.uri_of("students", "mini", "best"),
+                                                "source": "serve.student"}
+    # Promoted by round 1, not deployed yet.
+    round_1 = Workdir(workdir.uri_of("flywheel", "round-1"))
+    round_1.write_json({"round": 1, "log_files": []}, "round.json")
+    round_1.write_json(done, "students", "mini-r1", "manifest.json")
+    workdir.write_json({"student": "mini-r1", "checkpoint": round_1.uri_of("students", "mini-r1", "best")},
+                       "flywheel", "promoted.json")
+    assert current_student(config, workdir)["checkpoint"] == round_1.uri_of("students", "mini-r1", "best")
+    # Deployed, then rolled back to mini: what the app serves wins.
+    for served in ("mini-r1", "mini"):
+        workdir.write_json({"current": {"student": served, "mode": "shadow"}}, "serve", "rollout.json")
+        found = current_student(config, workdir)
+        assert found["student"] == served and found["source"] == "serve/rollout.json"
+        assert found["checkpoint"] == (round_1 if served == "mini-r1" else workdir).uri_of("students", served, "best")
+    workdir.write_json({"current": {"student": "gone"}}, "serve", "rollout.json")
+    with pytest.raises(MissingInput, match="student 'gone' has no finished training"):
+        current_student(config, workdir)
 
 
 # -- the flywheel end to end ---------------------------------------------------------------------------------
@@ -233,6 +262,7 @@ def test_redistill_asks_only_for_unanswered_prompts_and_the_new_student_wins_the
         assert main(["redistill", str(path)]) == 0
         t_round = time.perf_counter() - t0
         out = capsys.readouterr().out
+        summary = [x for x in out.splitlines() if x.startswith(("redistill", "  ", "    "))][-12:]
         billed_now = {k: v - before.get(k, 0) for k, v in _billed(teacher).items() if v != before.get(k, 0)}
 
         round_dir = Workdir(str(workdir / "flywheel" / "round-1"))
@@ -282,6 +312,7 @@ def test_redistill_asks_only_for_unanswered_prompts_and_the_new_student_wins_the
         assert main(["redistill", str(path)]) == 0
         assert "no served traffic since round 1" in capsys.readouterr().out
         assert _billed(teacher) == before
+    print("\n".join(summary))
     print(f"parent pipeline {t_parent:.0f}s, redistill round {t_round:.0f}s; new {quality['new']:.3f} vs current "
           f"{quality['current']:.3f}")
     shutil.rmtree(workdir, ignore_errors=True)

@@ -18,7 +18,9 @@ students/, eval/, each with its manifest, so a killed round resumes where it sto
    `flywheel/promoted.json` and handed to the rollout plan.
 
 `flywheel/round-<n>/round.json` freezes a round's inputs when it starts (the log files, the current
-student); `report.json` is written when it ends. Only one round runs at a time.
+student); `report.json` is written when it ends. A round left unfinished (killed, or a step that failed)
+is resumed by the next run before any new round starts. Rounds are meant to run one at a time:
+nothing locks them against a second `redistill` started at once.
 """
 
 from __future__ import annotations

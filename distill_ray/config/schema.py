@@ -597,6 +597,16 @@ class Drift(Strict):
     min_shadow_agreement: float = Field(0.9, ge=0, le=1)
 
 
+class Flywheel(Strict):
+    """`distill-ray redistill`: distil again from the served traffic."""
+
+    min_new_prompts: int = Field(
+        50, ge=1, description="Fewer new served prompts (not in any earlier prompt set) than this: no round.")
+    min_gain: float = Field(
+        0.01, ge=0, le=1, description="The new student is promoted (flywheel/promoted.json, then the rollout plan) "
+        "only when its relative quality beats the served student's on the round's holdout by at least this much.")
+
+
 class PipelineConfig(Strict):
     """The whole pipeline: every `distill-ray` verb reads this one file."""
 
@@ -616,6 +626,7 @@ class PipelineConfig(Strict):
     eval: Eval = Field(default_factory=Eval)
     serve: Serve = Field(default_factory=Serve)
     drift: Drift = Field(default_factory=Drift)
+    flywheel: Flywheel = Field(default_factory=Flywheel)
 
     def train_for(self, student: Student) -> Train:
         """`train:` with the student's own overrides applied."""

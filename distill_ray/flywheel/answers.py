@@ -20,12 +20,13 @@ generate, eval's judge and the live serve app draw on, so the requests-per-minut
 hold across the round and live traffic, and `budget_usd` counts every step's spend (this one's is
 `redistill` in the ledger's spend by step, `<workdir>/teacher/ledger/<teacher>.json`).
 
-A reused answer has no token logprobs: the router asks for none (were it to log `tokens`,
-`token_logprobs` and `top_logprobs` in its `teacher` record, they would be kept). Its row has empty
-`token_logprobs` and `top_logprobs` and a null `mean_logprob`, so a `min_mean_logprob` filter drops it
-("the teacher returned no logprobs"): with that filter a round trains on the answers it asked for only
-(the summary counts the drops). Logit distillation trains on it with plain SFT. Its cost was counted in
-serve's spend when it was paid; its row keeps that cost (eval prices the teacher with it).
+A reused answer keeps its token logprobs: the router asks the teacher for them as generate does
+(`teachers[].logprobs`, `top_logprobs`) and logs `tokens`, `token_logprobs` and `top_logprobs` in its
+`teacher` record, so filters such as `min_mean_logprob` judge it like any other. Lines logged before
+the router did (or with `logprobs: false`) reuse the text only: their rows have a null `mean_logprob`,
+which a `min_mean_logprob` filter drops ("the teacher returned no logprobs"; the summary counts them).
+Its cost was counted in serve's spend when it was paid; its row keeps that cost (eval prices the
+teacher with it).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _cache_record(key: str, teacher: Teacher, called: dict[str, Any]) -> dict[st
     latency = called.get("latency_ms")
     return {"key": key, "teacher": teacher.name, "model": teacher.model, "sample": 0, "node": FROM_LOGS,
             "request_id": called.get("request_id"), "completion": called["answer"],
-            # Empty unless the router logged the logprobs it asked for (it asks for none today).
+            # The logprobs the router asked for as generate does (empty in lines logged before it did).
             "tokens": called.get("tokens") or [], "token_logprobs": called.get("token_logprobs") or [],
             "top_logprobs": called.get("top_logprobs") or [], "prompt_tokens": called.get("prompt_tokens") or 0,
             "completion_tokens": called.get("completion_tokens") or 0, "cached_tokens": called.get("cached_tokens") or 0,

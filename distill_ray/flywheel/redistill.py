@@ -6,7 +6,7 @@ students/, eval/, each with its manifest, so a killed round resumes where it sto
 1. prompts: the request log files no earlier round read; client traffic only; prompts that no earlier
    prompt set holds (exact or near duplicates), sampled in the served traffic's category mix
    (`served.py`), written to `served.jsonl`; the prompts step turns them into train and a fresh holdout.
-   Fewer than `MIN_NEW_PROMPTS` new prompts: no round (nothing to do).
+   Fewer than `flywheel.min_new_prompts` new prompts: no round (nothing to do).
 2. teacher: answers from the pipeline's teacher cache, then from the answers the serve app already paid
    for (shadow mode, teacher-routed users, fallbacks: put into that cache), and only the rest asked for,
    on the pipeline's one ledger and budget (`answers.py`).
@@ -14,7 +14,7 @@ students/, eval/, each with its manifest, so a killed round resumes where it sto
    answers, as the student `<name>-r<n>` (its `train:` settings, its own overrides included).
 4. eval: the new student against the teacher on the round's holdout (the eval step and its gate), and
    the current student on the same holdout, scored the same way. The new student is better when its
-   relative quality beats the current one's by at least `MIN_GAIN`; then it is written to
+   relative quality beats the current one's by at least `flywheel.min_gain`; then it is written to
    `flywheel/promoted.json` and handed to the rollout plan.
 
 `flywheel/round-<n>/round.json` freezes a round's inputs when it starts (the log files, the current
@@ -49,9 +49,6 @@ from distill_ray.teacher.errors import MissingInput
 from distill_ray.teacher.ledger import read_spend
 
 FLYWHEEL = "flywheel"
-# Defaults of settings that belong in the config (proposed: flywheel.min_new_prompts, flywheel.min_gain).
-MIN_NEW_PROMPTS = 50  # fewer new served prompts than this: no round
-MIN_GAIN = 0.01  # the new student's relative quality must beat the current one's by this much
 _ROUND = re.compile(r"^round-(\d+)$")
 _SUFFIX = re.compile(r"-r\d+$")
 
@@ -129,9 +126,9 @@ def _start_round(config: PipelineConfig, workdir: Workdir, echo: Callable[[str],
     selection = select_new_prompts(read_log_files(workdir, new_files), _seen_prompts(config, workdir, previous),
                                    config.prompts)
     echo(_selection_line(selection.counts(), len(new_files)))
-    if selection.new_prompts < MIN_NEW_PROMPTS:
+    if selection.new_prompts < config.flywheel.min_new_prompts:
         echo(f"redistill: not enough new served traffic ({selection.new_prompts} new prompts; a round needs "
-             f"{MIN_NEW_PROMPTS}); nothing to do")
+             f"flywheel.min_new_prompts {config.flywheel.min_new_prompts}); nothing to do")
         return None
     n = (previous[-1] if previous else 0) + 1
     where = round_workdir(workdir, n)
@@ -291,8 +288,8 @@ def _report(n: int, where: Workdir, state: dict[str, Any], config: PipelineConfi
                     "current": current_quality["overall"]["relative_quality"], "gain": round(gain, 4),
                     "holdout_rows": new["quality"]["overall"]["rows"], "metric": config.task.metric},
         "rule": f"promoted when the new student's relative quality on the round's holdout beats the current "
-                f"student's by at least {MIN_GAIN}",
-        "promoted": gain >= MIN_GAIN, "time": time.time(),
+                f"student's by at least flywheel.min_gain {config.flywheel.min_gain}",
+        "promoted": gain >= config.flywheel.min_gain, "time": time.time(),
     }
 
 

@@ -67,12 +67,16 @@ class RolloutControl:
         self.rollout = Rollout.model_validate(init["rollout"])
         self.config_rollout, self.version = dict(init["rollout"]), 0
         self.workdir, self.student = init.get("workdir"), init.get("student")
+        self._generation = float(init.get("generation", 0.0))  # when its deployment was made
         self.gate = init.get("gate") or {"passed": True, "reason": ""}
         self.plan = None
         if init.get("plan"):
             self.plan = RolloutPlan([RolloutStage.model_validate(x) for x in init["plan"]],
                                     Guardrails.model_validate(init.get("guardrails") or {}), self.gate["passed"])
             self._change(self.plan.rollout_changes(), by="plan")
+
+    def generation(self) -> float:
+        return self._generation
 
     def state(self) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
         return self.version, self.rollout.model_dump(), self.plan.status() if self.plan else None
@@ -139,22 +143,39 @@ class RolloutControl:
 
 
 def control_actor(init: dict[str, Any] | None = None):
-    """The app's RolloutControl (created with `init` when missing; None when missing and no init)."""
-    try:
-        return ray.get_actor(CONTROL_NAME, namespace=CONTROL_NAMESPACE)
-    except ValueError:
-        if init is None:
-            return None
+    """The app's RolloutControl (None when missing and no `init`). With `init`, one of this deployment
+    or a later one: an actor left by an earlier deployment (e.g. re-created by its routers as they
+    went away) is replaced, so a redeploy's rollout plan is never lost to a stale one."""
     from distill_ray.ray_env import on_this_node
 
-    # On the caller's node (the driver's, or a router's): a lost worker node must not take it along.
-    return RolloutControl.options(name=CONTROL_NAME, namespace=CONTROL_NAMESPACE, lifetime="detached",
-                                  get_if_exists=True, scheduling_strategy=on_this_node()).remote(init)
+    for _ in range(100):
+        try:
+            actor = ray.get_actor(CONTROL_NAME, namespace=CONTROL_NAMESPACE)
+        except ValueError:
+            if init is None:
+                return None
+            # On the caller's node (the driver's, or a router's): a lost worker node must not take it along.
+            actor = RolloutControl.options(name=CONTROL_NAME, namespace=CONTROL_NAMESPACE, lifetime="detached",
+                                           get_if_exists=True, scheduling_strategy=on_this_node()).remote(init)
+        if init is None:
+            return actor
+        try:
+            generation = ray.get(actor.generation.remote(), timeout=60)
+        except ray.exceptions.RayActorError:  # one being killed: its name is not free yet
+            time.sleep(0.1)
+            continue
+        if generation >= init.get("generation", 0.0):
+            return actor
+        ray.kill(actor, no_restart=True)
+        time.sleep(0.1)
+    raise RuntimeError(f"the rollout control actor '{CONTROL_NAME}' could not be reached")
 
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 # Prometheus histograms take positive bucket bounds: the confidence is exported negated (-mean logprob).
 UNCERTAINTY_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5]
+AGREEMENT_BOUNDARIES = [0.25, 0.5, 0.75, 0.9, 0.99]
+GAUGE_EVERY_S = 5.0  # Ray exports a gauge only for a while after it was set: set it again this often
 UNSUPPORTED = {  # request keys the student cannot honour: refused clearly rather than ignored
     "tools": "the student cannot call tools", "functions": "the student cannot call functions",
     "tool_choice": "the student cannot call tools", "function_call": "the student cannot call functions",
@@ -378,8 +399,10 @@ class _Metrics:
                                             boundaries=UNCERTAINTY_BOUNDARIES, tag_keys=("category",))
         self.latency = metrics.Histogram("distill_serve_latency_ms", "Request latency in ms, by who answered and slice.",
                                          boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("served_by", "category"))
-        self.shadow = metrics.Counter("distill_serve_shadow_total", "Shadow comparisons, by slice and agreement.",
-                                      tag_keys=("category", "agree"))
+        # agreement per comparison (1.0: the same answer; partial for token_f1): _sum / _count is the mean
+        self.shadow = metrics.Histogram("distill_serve_shadow_agreement", "Shadow comparisons: the student's agreement "
+                                        "with the teacher's answer, by slice.", boundaries=AGREEMENT_BOUNDARIES,
+                                        tag_keys=("category",))
         self.log_lines = metrics.Counter("distill_serve_log_lines_total", "Request log lines, by outcome.",
                                          tag_keys=("outcome",))
         self.canary = metrics.Gauge("distill_serve_rollout_percent",
@@ -433,7 +456,7 @@ class Router:
     """The OpenAI-compatible ingress: routing, fallback, auth, limits, metrics, request logs."""
 
     def __init__(self, student: Any, config_json: dict[str, Any], student_name: str, token_sha256: str | None = None,
-                 admin_sha256: str | None = None):
+                 admin_sha256: str | None = None, generation: float = 0.0):
         from distill_ray.config.schema import PipelineConfig
         from distill_ray.metrics import metric
         from distill_ray.serve.logs import RequestLog
@@ -477,7 +500,7 @@ class Router:
         plan = [stage.model_dump(mode="json") for stage in s.rollout_plan] if s.rollout_plan else None
         self.control_init = {"rollout": self.rollout.model_dump(), "plan": plan, "guardrails": s.guardrails.model_dump(),
                              "gate": {"passed": self.gate[0], "reason": self.gate[1]}, "workdir": self.config.workdir,
-                             "student": student_name}
+                             "student": student_name, "generation": generation}
         self.control = control_actor(self.control_init)
         self.control_version, self.plan_status = -1, None
         self.outcomes: list[tuple] = []  # for the rollout plan, sent to the control actor at each sync
@@ -521,7 +544,11 @@ class Router:
             metrics.canary.set({"shadow": 0.0, "canary": r.canary_percent, "full": 100.0}[r.mode])
 
     async def _poll(self) -> None:
+        gauged = 0.0
         while True:
+            if time.monotonic() - gauged > GAUGE_EVERY_S:
+                self.metrics_rollout()
+                gauged = time.monotonic()
             outcomes, self.outcomes = self.outcomes, []
             try:
                 self._apply(*await self.control.sync.remote(outcomes))
@@ -555,10 +582,14 @@ class Router:
                 if path.endswith("/v1/distill/rollout") and method == "POST":
                     return JSONResponse(await self._set_rollout(await self._read_body(request)))
                 raise RequestError(404, f"no route {method} {request.url.path}", code="not_found")
-            self._authorize(request.headers.get("authorization"))
+            admin = self._authorize(request.headers.get("authorization"))
             if path.endswith("/v1/models") and method == "GET":
                 return JSONResponse(self._models())
             if path.endswith("/v1/chat/completions") and method == "POST":
+                # x-distill-origin tags traffic that is not clients' (the replayed holdout): drift compares it
+                # with its own reference, the flywheel leaves it out; so only an admin may set it
+                origin = request.headers.get("x-distill-origin") if admin else None
+                record["origin"] = origin if origin and _ORIGIN.match(origin) else None
                 return await self._chat(request, record)
             raise RequestError(404, f"no route {method} {request.url.path}", code="not_found")
         except RequestError as err:
@@ -575,6 +606,8 @@ class Router:
         if path.endswith("/chat/completions"):  # logged like the rest (control calls and probes are not traffic)
             if record.get("student_path"):
                 self._plan_outcome(record.get("student_latency_ms") or 0.0, fallback=True, error=True)
+            for key in ("user", "category", "origin", "mode", "prompt"):  # every line has the same keys
+                record.setdefault(key, None)
             record.update({"status": err.status, "error": err.message[:500], "error_code": err.code,
                            "served_by": None})
             await self._log(record)
@@ -584,21 +617,22 @@ class Router:
     async def _log(self, record: dict[str, Any]) -> None:
         self.metrics.log_lines.inc(tags={"outcome": "queued" if await self.log.put(record) else "dropped"})
 
-    def _authorize(self, header: str | None, admin: bool = False) -> None:
-        """API endpoints take the API token (or the admin's); control endpoints the admin token only."""
+    def _authorize(self, header: str | None, admin: bool = False) -> bool:
+        """API endpoints take the API token (or the admin's); control endpoints the admin token only.
+        True when the caller holds the admin token (or the endpoint is open to all)."""
         if self.token_sha256 is None and self.admin_sha256 is None:
-            return  # serve.allow_open_endpoint
+            return True  # serve.allow_open_endpoint
         given = _sha256(header[7:] if header and header.lower().startswith("bearer ") else "")
-        is_admin = self.admin_sha256 is not None and hmac.compare_digest(given, self.admin_sha256)
+        is_admin = self.admin_sha256 is None or hmac.compare_digest(given, self.admin_sha256)
         is_client = self.token_sha256 is not None and hmac.compare_digest(given, self.token_sha256)
         if admin:
-            if is_admin or self.admin_sha256 is None:
-                return
+            if is_admin:
+                return True
             if is_client:
                 raise RequestError(403, "the API token may not control the app: the control endpoints take the admin "
                                    "token (serve.admin_token_env)", type_="permission_error", code="admin_only")
         elif is_client or is_admin or self.token_sha256 is None:
-            return
+            return is_admin
         raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <serve.auth_token_env>)",
                            type_="authentication_error", code="invalid_api_key")
 
@@ -670,8 +704,6 @@ class Router:
 
         t0 = time.perf_counter()
         s = self.config.serve
-        origin = request.headers.get("x-distill-origin")
-        record["origin"] = origin if origin and _ORIGIN.match(origin) else None
         raw = await self._read_body(request)  # Serve fetches the body from its HTTP proxy: a wait, not our work
         body_ms = (time.perf_counter() - t0) * 1000
         body = parse_chat_request(raw, s.max_request_bytes, s.max_tokens, s.max_json_depth)
@@ -875,7 +907,14 @@ class Router:
         import aiohttp
 
         from distill_ray.teacher.cache import messages_digest
-        from distill_ray.teacher.client import auth_headers, chat_url, cost_usd, estimate_tokens, usage_of
+        from distill_ray.teacher.client import (
+            RetryableError,
+            auth_headers,
+            chat_url,
+            cost_usd,
+            estimate_tokens,
+            parse_body,
+        )
 
         t = self.teacher
         if self.session is None:
@@ -888,6 +927,12 @@ class Router:
                 payload[key] = body[key]
         if t.reasoning_effort is not None:
             payload["reasoning_effort"] = t.reasoning_effort
+        if t.response_format is not None:
+            payload["response_format"] = t.response_format
+        if t.logprobs:  # as generate asks: the logged answer is then one the flywheel can reuse whole
+            payload["logprobs"] = True
+            if t.top_logprobs:
+                payload["top_logprobs"] = t.top_logprobs
         asked = {"name": t.name, "model": t.model, "max_tokens": max_tokens, "temperature": payload.get("temperature"),
                  "messages_sha256": messages_digest(messages),
                  "params": {k: payload[k] for k in ("stop", "top_p", "seed", "reasoning_effort") if k in payload}}
@@ -909,25 +954,23 @@ class Router:
                         # a 200 is paid for: never asked again, whatever its body
                         used = est_tokens
                         try:
-                            data = json.loads(raw)
-                            choice = data["choices"][0]
-                            text = choice["message"].get("content") or ""
-                            usage = usage_of(data.get("usage") or {})
-                            if not isinstance(text, str):
-                                raise TypeError("message.content is not a string")
-                        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-                            record["teacher"] = {**asked, "error": f"unreadable answer: {type(exc).__name__}: {exc}"[:300]}
+                            got = parse_body(raw)
+                        except RetryableError as exc:
+                            record["teacher"] = {**asked, "error": f"unreadable answer: {exc}"[:300]}
                             raise RequestError(502, f"teacher '{t.name}' sent an answer that is not a chat completion "
-                                               f"({type(exc).__name__}: {str(exc)[:120]})", type_="api_error",
+                                               f"({str(exc)[:120]})", type_="api_error",
                                                code="teacher_bad_answer") from None
-                        prompt_tokens, completion_tokens = usage["prompt_tokens"] or 0, usage["completion_tokens"] or 0
+                        text = got["completion"]
+                        prompt_tokens, completion_tokens = got["prompt_tokens"] or 0, got["completion_tokens"] or 0
                         used = prompt_tokens + completion_tokens or 1
-                        cost = cost_usd(t, prompt_tokens, completion_tokens, usage["cached_tokens"])
+                        cost = cost_usd(t, prompt_tokens, completion_tokens, got["cached_tokens"])
                         latency_ms = (time.perf_counter() - start) * 1000
-                        finish = choice.get("finish_reason") or "stop"
+                        finish = got["finish_reason"] or "stop"
                         record["teacher"] = {**asked, "answer": text, "finish_reason": finish,
                                              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                             "cached_tokens": usage["cached_tokens"], "cost_usd": cost}
+                                             "cached_tokens": got["cached_tokens"], "cost_usd": cost}
+                        if t.logprobs:
+                            record["teacher"].update({k: got[k] for k in ("tokens", "token_logprobs", "top_logprobs")})
                         record["teacher_latency_ms"] = latency_ms
                         return {"served_by": "teacher", "text": text, "latency_ms": latency_ms, "finish_reason": finish,
                                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -960,7 +1003,7 @@ class Router:
             total = self.stats.shadow[category]
             total[0] += agree
             total[1] += 1
-            self.metrics.shadow.inc(tags={"category": category, "agree": str(agree >= 1.0).lower()})
+            self.metrics.shadow.observe(agree, tags={"category": category})
             if student.get("confidence") is not None:
                 self.metrics.confidence.observe(-student["confidence"], tags={"category": category})
                 self.stats.slices[category]["confidence"].append(student["confidence"])
@@ -1027,4 +1070,4 @@ def build_app(args: dict[str, Any]):
     if s.router_resources:
         router["ray_actor_options"] = {**Router.ray_actor_options, "resources": dict(s.router_resources)}
     return Router.options(**router).bind(student, args["config"], args["student_name"], args.get("token_sha256"),
-                                         args.get("admin_sha256"))
+                                         args.get("admin_sha256"), args.get("generation", time.time()))

@@ -135,6 +135,7 @@ def app_args(config: PipelineConfig, student: str, uri: str, result: dict[str, A
     return {"config": config.model_dump(mode="json", by_alias=True), "student_uri": uri, "student_name": student,
             "token_sha256": _token_sha256(s.auth_token_env, "auth_token_env"),
             "admin_sha256": _token_sha256(s.admin_token_env, "admin_token_env"),
+            "generation": time.time(),  # a redeploy's rollout control replaces an earlier one's
             "rollout": {"mode": s.mode, "canary_percent": s.canary_percent, "min_confidence": s.min_confidence,
                         "latency_budget_ms": s.latency_budget_ms}}
 
@@ -162,8 +163,10 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
     url = f"http://{s.host}:{s.port}/v1"
     quality = (f", relative quality {result['quality']['overall']['relative_quality']:.3f}, "
                f"{'passed' if result['passed'] else 'FAILED'} eval") if result else ""
-    echo(f"serve: {url} ready in {time.perf_counter() - t0:.0f}s: student '{name}'{quality}; mode {s.mode}"
-         + (f" ({s.canary_percent:g}% of users)" if s.mode == "canary" else "")
+    plan = (f"; rollout plan {' -> '.join(stage.label for stage in s.rollout_plan)}, from its first stage"
+            if s.rollout_plan else "")
+    echo(f"serve: {url} ready in {time.perf_counter() - t0:.0f}s: student '{name}'{quality}; "
+         + (plan[2:] if plan else f"mode {s.mode}" + (f" ({s.canary_percent:g}% of users)" if s.mode == "canary" else ""))
          + f"; fallback to teacher below confidence {args['rollout']['min_confidence']:g}; logs in "
            f"{workdir.uri_of('serve', 'logs')}")
     record_rollout(workdir, args["rollout"], "serve", name)
@@ -248,11 +251,14 @@ def hand_to_rollout(config: PipelineConfig, name: str, uri: str, echo: Callable[
     plan's first stage (shadow mode without a plan). False when no app is live: the next
     `distill-ray serve` picks it (flywheel/promoted.json)."""
     try:
-        fetch_stats(config)
+        _wait_healthy(config.serve.host, config.serve.port, timeout_s=2)
     except StepFailed:
         echo(f"serve: no live app at {config.serve.host}:{config.serve.port}; `distill-ray serve` will serve '{name}'")
         return False
-    update = {"student": name, "mode": "shadow"}
+    best = promoted(Workdir(config.workdir))
+    if not best or best["student"] != name:
+        raise ServeRefused(f"'{name}' is not the promoted student in {config.workdir}/flywheel/promoted.json")
+    update = {"student": None, "mode": "shadow"}  # the promoted student, from the plan's first stage
     deploy(config.model_copy(update={"serve": config.serve.model_copy(update=update)}), echo)
     echo(f"serve: '{name}' ({uri}) deployed, from the first stage of the rollout")
     return True

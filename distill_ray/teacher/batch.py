@@ -43,7 +43,7 @@ from distill_ray.teacher.cache import AnswerCache
 from distill_ray.teacher.client import (
     ROW_PARAMS,
     Answer,
-    _Retryable,
+    RetryableError,
     cost_usd,
     estimate_tokens,
     parse_body,
@@ -352,7 +352,7 @@ class _BatchRun:
                     continue
                 try:
                     parsed = parse_body(json.dumps(body).encode())
-                except _Retryable as exc:  # billed all the same, when the body says what it used
+                except RetryableError as exc:  # billed all the same, when the body says what it used
                     usage = usage_of(body.get("usage") or {}) if isinstance(body, dict) else {}
                     cost = cost_usd(t, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
                                     usage.get("cached_tokens") or 0, batch=True)

@@ -61,7 +61,9 @@ class Answer:
 ANSWER_FIELD_NAMES = tuple(f.name for f in fields(Answer))
 
 
-class _Retryable(Exception):
+class RetryableError(Exception):
+    """A failed attempt worth another (a 429, a 5xx, a malformed or cut body); `kind` names it."""
+
     def __init__(self, kind: str, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.kind, self.retry_after = kind, retry_after
@@ -160,9 +162,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         choice = body["choices"][0]
         content = choice["message"]["content"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as exc:
-        raise _Retryable("malformed", f"malformed or truncated response body ({type(exc).__name__})") from exc
+        raise RetryableError("malformed", f"malformed or truncated response body ({type(exc).__name__})") from exc
     if not isinstance(content, str):
-        raise _Retryable("malformed", "response has no text content")
+        raise RetryableError("malformed", "response has no text content")
     tokens, logprobs, tops = [], [], []
     for item in ((choice.get("logprobs") or {}).get("content") or []):
         tokens.append(item.get("token", ""))
@@ -228,7 +230,7 @@ class TeacherClient:
                 answer = Answer(**{**parsed, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
                                 attempts=attempt, cost_usd=cost, latency_s=time.monotonic() - start)
                 return answer
-            except _Retryable as exc:
+            except RetryableError as exc:
                 answer.error, answer.error_kind = str(exc), exc.kind
                 backoff = min(MAX_BACKOFF_S, t.retry_backoff_s * 2 ** (attempt - 1)) * self.rng.uniform(0.5, 1.0)
                 delay = max(backoff, exc.retry_after or 0.0)
@@ -263,16 +265,16 @@ class TeacherClient:
                         f"{what} (teachers[].{'api_key_env' if status in (401, 403) else 'base_url / model'})"
                     )
                 if status in RETRYABLE_STATUS or status >= 500:
-                    raise _Retryable(str(status), f"HTTP {status}: {message}", _retry_after(response.headers))
+                    raise RetryableError(str(status), f"HTTP {status}: {message}", _retry_after(response.headers))
                 if param not in ROW_PARAMS or code in ("unsupported_parameter", "unsupported_value"):
                     raise _RowError("request_shape", f"HTTP {status}: {message}"
                                     + (f" (param: {param})" if param else ""), param)
                 raise _RowError(str(status), f"HTTP {status}: {message}")
         except TimeoutError as exc:
-            raise _Retryable("timeout", f"no answer within {self.teacher.timeout_s}s") from exc
+            raise RetryableError("timeout", f"no answer within {self.teacher.timeout_s}s") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                 aiohttp.ClientConnectionError) as exc:
-            raise _Retryable("connection", f"connection error: {type(exc).__name__}") from exc
+            raise RetryableError("connection", f"connection error: {type(exc).__name__}") from exc
 
 
 def _error_detail(raw: bytes) -> tuple[str, str | None, str | None]:

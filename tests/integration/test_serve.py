@@ -22,12 +22,15 @@ from distill_ray.config import load_config
 from distill_ray.manifest import StepRecord, write_manifest
 from distill_ray.serve.logs import read_logs
 from distill_ray.storage import Workdir
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, answer_order_number
+from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, answer_order_number, prompt_key
 from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 TOKEN_ENV = "DISTILL_TEST_SERVE_TOKEN"
 TOKEN = "test-serve-token-not-a-secret"  # noqa: S105 - a test's own token for its loopback server
+ADMIN_ENV = "DISTILL_TEST_ADMIN_TOKEN"
+ADMIN = "test-admin-token-not-a-secret"  # noqa: S105 - the same, for the control endpoints
+BAD_JSON = "ORD-999999"  # the fake teacher answers this prompt with a body that is not JSON
 
 
 def _free_port() -> int:
@@ -44,6 +47,14 @@ def _student(workdir: Path) -> None:
     model.save_pretrained(best)
     tokenizer.save_pretrained(best)
     write_manifest(Workdir(str(workdir)), StepRecord("students/mini", {}, {}))
+    _eval_result(workdir, passed=True)
+
+
+def _eval_result(workdir: Path, passed: bool) -> None:
+    """eval/metrics.json as `distill-ray eval` leaves it, for the gate the serve app enforces."""
+    result = {"student": "mini", "passed": passed, "parameters": 1000,
+              "quality": {"overall": {"relative_quality": 1.0 if passed else 0.5}}}
+    Workdir(str(workdir)).write_json({"students": {"mini": result}}, "eval", "metrics.json")
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +66,14 @@ def app(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("serve") / "run"
     _student(workdir)
-    os.environ[TOKEN_ENV] = TOKEN
+    os.environ[TOKEN_ENV], os.environ[ADMIN_ENV] = TOKEN, ADMIN
     port = _free_port()
-    with FakeTeacher(FakeTeacherConfig()) as teacher:
+    with FakeTeacher(FakeTeacherConfig(faults={BAD_JSON: ["malformed"] * 3})) as teacher:
         config = load_config(None, [
             f"workdir={workdir}", f"teachers.0.base_url={teacher.base_url}", "teachers.0.launch=null",
             "teachers.0.max_tokens=8", "students=[{name: mini, base_model: unused}]", "serve.student=mini",
-            f"serve.port={port}", f"serve.auth_token_env={TOKEN_ENV}", "serve.mode=shadow", "serve.log_batch_size=16",
+            f"serve.port={port}", f"serve.auth_token_env={TOKEN_ENV}", f"serve.admin_token_env={ADMIN_ENV}",
+            "serve.mode=shadow", "serve.log_batch_size=16", "serve.categories=[orders, billing]", "serve.max_tokens=64",
             "task.metric=normalized_match"])
         deployed = deploy(config, echo=lambda _: None)
         try:
@@ -70,6 +82,7 @@ def app(tmp_path_factory):
             serve.delete("distill")
             serve.shutdown()
             os.environ.pop(TOKEN_ENV, None)
+            os.environ.pop(ADMIN_ENV, None)
 
 
 def _client(app, key: str = TOKEN) -> openai.OpenAI:
@@ -133,6 +146,124 @@ def test_auth_and_bad_requests_get_openai_errors(app):
     big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 70000}]}).encode()
     status, body = asyncio.run(post(big))
     assert status == 413 and "max_request_bytes" in body["error"]["message"]
+
+
+def _http(app, method: str, path: str, body=None, token: str | None = TOKEN, headers: dict | None = None):
+    """(status, JSON body, headers) of one raw request to the app."""
+    async def go():
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        data = body if isinstance(body, (bytes, type(None))) or callable(body) else json.dumps(body).encode()
+        if callable(data):
+            data = data()
+        async with aiohttp.ClientSession() as s, s.request(method, app["url"].removesuffix("/v1") + path, data=data,
+                                                            headers=h) as r:
+            return r.status, await r.json(content_type=None), {k.lower(): v for k, v in r.headers.items()}
+    return asyncio.run(go())
+
+
+def test_control_endpoints_take_the_admin_token_only(app):
+    """The rollout and stats endpoints refuse the API clients' token (403) and no token (401)."""
+    for path, method, body in (("/v1/distill/rollout", "POST", {"canary_percent": 0}),
+                               ("/v1/distill/stats", "GET", None)):
+        status, answer, _ = _http(app, method, path, body, token=TOKEN)
+        assert status == 403 and answer["error"]["code"] == "admin_only", answer
+        assert _http(app, method, path, body, token=None)[0] == 401
+        assert _http(app, method, path, body, token="wrong")[0] == 401
+        assert _http(app, method, path, body, token=ADMIN)[0] == 200
+    with pytest.raises(openai.AuthenticationError):  # nor does the admin token open anything to a wrong one
+        _client(app, key="wrong").models.list()
+
+
+def test_bad_rollout_values_are_400_and_the_app_keeps_serving(app):
+    before = _http(app, "GET", "/v1/distill/stats", token=ADMIN)[1]["rollout"]
+    for bad in ({"min_confidence": "x"}, {"canary_percent": 120}, {"canary_percent": "25"}, {"mode": "bogus"},
+                {"latency_budget_ms": -1}, {"min_confidence": 0.5}, {"nope": 1}, {"min_confidence": None}, [], {},
+                {"plan": "resume"}, b"{not json"):
+        status, answer, _ = _http(app, "POST", "/v1/distill/rollout", bad, token=ADMIN)
+        assert status == 400 and answer["error"]["message"].startswith("rollout"), (bad, status, answer)
+    assert _http(app, "GET", "/v1/distill/stats", token=ADMIN)[1]["rollout"] == before  # nothing changed
+    chat = _client(app).chat.completions.create(model="m", messages=[{"role": "user", "content": MESSAGE}])
+    assert chat.choices[0].message.content == "ORD-512874"  # and the app still serves
+
+
+def test_the_server_enforces_the_eval_gate(app):
+    """A student that did not pass eval may not answer clients, whoever asks the app (not only the CLI)."""
+    from distill_ray.serve.step import ServeRefused
+
+    _eval_result(app["workdir"], passed=False)
+    try:
+        status, answer, _ = _http(app, "POST", "/v1/distill/rollout", {"mode": "canary", "canary_percent": 5},
+                                  token=ADMIN)
+        assert status == 409 and answer["error"]["code"] == "eval_gate" and "did not pass eval" in answer["error"]["message"]
+        with pytest.raises(ServeRefused, match="did not pass eval"):
+            _rollout(app, mode="full")
+        assert _http(app, "GET", "/v1/distill/stats", token=ADMIN)[1]["rollout"]["mode"] == "shadow"
+    finally:
+        _eval_result(app["workdir"], passed=True)
+    status, _, _ = _http(app, "POST", "/v1/distill/rollout", {"mode": "canary", "canary_percent": 5}, token=ADMIN)
+    assert status == 200
+    _rollout(app, mode="shadow", percent=0)
+
+
+def _nested(depth: int) -> bytes:
+    return (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": {"x": '
+            + b"[" * depth + b"]" * depth + b"}}")
+
+
+def test_every_bad_request_gets_its_4xx_and_is_logged(app):
+    msg = [{"role": "user", "content": "where is ORD-100200?"}]
+    big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 70000}]}).encode()
+
+    async def chunked():  # no content-length: the size is only known as the body arrives
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    cases = {
+        "max_tokens 0": ({"model": "m", "messages": msg, "max_tokens": 0}, 400, "max_tokens"),
+        "max_tokens -5": ({"model": "m", "messages": msg, "max_tokens": -5}, 400, "max_tokens"),
+        "max_tokens over the cap": ({"model": "m", "messages": msg, "max_completion_tokens": 65}, 400, "serve.max_tokens"),
+        "an image part": ({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+            400, "text parts only"),
+        "n=2": ({"model": "m", "messages": msg, "n": 2}, 400, "n=1"),
+        "tools": ({"model": "m", "messages": msg, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+                  "tools"),
+        "response_format": ({"model": "m", "messages": msg, "response_format": {"type": "json_object"}}, 400,
+                            "response_format"),
+        "nested 40 deep": (_nested(40), 400, "serve.max_json_depth"),
+        "nested 5000 deep": (_nested(5000), 400, "serve.max_json_depth"),
+        "chunked oversize": (chunked, 413, "max_request_bytes"),
+        "teacher not JSON": ({"model": "m", "messages": [{"role": "user", "content": f"and {BAD_JSON}?"}]}, 502,
+                             "not a chat completion"),
+    }
+    ids = {}
+    for name, (body, want, words) in cases.items():
+        status, answer, headers = _http(app, "POST", "/v1/chat/completions", body)
+        assert status == want and words in answer["error"]["message"], (name, status, answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"}  # OpenAI's shape
+        ids[name] = headers["x-request-id"]
+    # the teacher's broken 200 is never asked again (it is paid for): one attempt, then the 502
+    bad_key = prompt_key([{"role": "user", "content": f"and {BAD_JSON}?"}])
+    assert app["teacher"].stats()["attempts_per_prompt"][bad_key] == 1
+    status, answer, headers = _http(app, "POST", "/v1/chat/completions", {"model": "m", "messages": msg},
+                                    headers={"x-category": "x" * 500})
+    assert status == 200
+    ids["unknown category"] = headers["x-request-id"]
+    # The app keeps serving; every error is in the request logs, with its status and message.
+    logs = {x["request_id"]: x for x in _wait_logs(app["workdir"], 0, timeout_s=0)}
+    deadline = time.monotonic() + 20
+    while not set(ids.values()) <= set(logs) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        logs = {x["request_id"]: x for x in read_logs(Workdir(str(app["workdir"])))}
+    for name, (_, want, _) in cases.items():
+        assert logs[ids[name]]["status"] == want and logs[ids[name]]["error"], name
+    assert logs[ids["teacher not JSON"]]["teacher"]["error"].startswith("unreadable answer")
+    line = logs[ids["unknown category"]]  # an unknown x-category is counted as `other`, never a new label
+    assert (line["status"], line["category"]) == (200, "other")
+    assert _wait_for(lambda: _prometheus("distill_serve_requests_total", category="other"), 1) >= 1
+    assert not _prometheus("distill_serve_requests_total", category="x" * 500)
 
 
 async def _send(url: str, users: list[str], concurrency: int = 16, category: str | None = None) -> list[dict]:
@@ -226,7 +357,7 @@ def test_student_streams_as_it_decodes_and_an_unsure_stream_is_the_teachers(app)
         assert (raw.headers["x-served-by"], raw.headers["x-fallback-reason"]) == ("teacher", "low_confidence")
         assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices) == "ORD-512874"
         deadline = time.monotonic() + 20
-        while len(logs := [x for x in read_logs(Workdir(str(app["workdir"]))) if x["user"] == "streamer"]) < 3:
+        while len(logs := [x for x in read_logs(Workdir(str(app["workdir"]))) if x.get("user") == "streamer"]) < 3:
             assert time.monotonic() < deadline, logs
             time.sleep(0.3)
         streamed = [x for x in logs if "first_token_ms" in x]
@@ -349,3 +480,107 @@ def _load(app, duration: float, clients: int) -> None:
 def test_200_clients_for_60_seconds(app, monkeypatch):
     monkeypatch.setenv("DISTILL_SERVE_LOAD_S", "60")
     test_concurrent_clients_get_no_errors_and_every_request_is_logged(app)
+
+
+def test_every_series_the_grafana_dashboard_charts_is_in_a_real_scrape(app):
+    """serve/grafana-dashboard.json against Ray's Prometheus endpoint after the traffic above: every
+    metric a panel queries exists, with the labels it groups by and the values it matches."""
+    import ray
+
+    from tests.conftest import ROOT
+
+    asyncio.run(_send(app["url"], [f"slice-{i}" for i in range(4)], category="orders"))
+    dashboard = json.loads((ROOT / "serve" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    missing: list[str] = []
+    deadline = time.monotonic() + 30
+    while True:  # Ray's metrics agent exports what the replicas recorded every few seconds
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        series: dict[str, list[dict[str, str]]] = {}
+        for line in text.splitlines():
+            match = re.match(r"(ray_distill_serve_\w+)\{(.*)\} \S+$", line)
+            if match:
+                series.setdefault(match.group(1), []).append(dict(re.findall(r'(\w+)="([^"]*)"', match.group(2))))
+        missing = []
+        for expr in exprs:
+            for name, matchers in re.findall(r"(ray_distill_serve_\w+)(\{[^}]*\})?", expr):
+                found = series.get(name, [])
+                wanted = dict(re.findall(r'(\w+)="([^"]*)"', matchers))
+                if not any(all(s.get(k) == v for k, v in wanted.items()) for s in found):
+                    missing.append(f"{name}{matchers or ''}")
+            for labels in re.findall(r"by \(([^)]*)\)", expr):
+                for label in (x.strip() for x in labels.split(",")):
+                    names = re.findall(r"ray_distill_serve_\w+", expr)
+                    if label != "le" and not any(label in s for n in names for s in series.get(n, [])):
+                        missing.append(f"label {label} of {names}")
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, missing
+    assert {"orders", "unknown"} <= {s["category"] for s in series["ray_distill_serve_requests_total"]}
+
+
+def test_rollout_plan_advances_a_good_student_and_pulls_back_one_that_degrades(app):
+    """serve.rollout_plan [shadow, 5, 25, 100] drives itself from the live metrics: a good student
+    reaches 100%; once it degrades (its replica killed: the test's fault switch) the plan steps back
+    within the guardrail's window and holds, each decision with its figures in `serve --stats` and
+    serve/rollout.json. Last in the module: it leaves the student replica restarting."""
+    import ray
+    from ray.util.state import list_actors
+
+    from distill_ray.serve.policy import BUCKETS, bucket
+    from distill_ray.serve.step import deploy, fetch_stats, format_stats
+
+    window = 8
+    raw = app["config"].model_dump(mode="json")
+    raw["serve"].update({"rollout_plan": ["shadow", 5, 25, 100], "min_confidence": -1000.0, "guardrails": {
+        "min_requests": window, "window_requests": window, "max_fallback_rate": 0.3, "max_error_rate": 0.1,
+        "min_shadow_agreement": None, "max_p95_ms": None}})
+    config = type(app["config"]).model_validate(raw)  # validated as a config file would be
+    deploy(config, echo=lambda _: None)
+    salt = config.name
+
+    def users(percent: float, prefix: str) -> list[str]:  # users the stage routes to the student
+        picked = (f"{prefix}-{i}" for i in range(100000))
+        return [u for u in picked if bucket(u, salt) < percent * BUCKETS / 100][:window]
+
+    def wait_stage(label: str) -> dict:
+        deadline = time.monotonic() + 30
+        while (stats := fetch_stats(config))["plan"]["stage"] != label:
+            assert time.monotonic() < deadline, format_stats(stats)
+            time.sleep(0.2)
+        return stats
+
+    assert fetch_stats(config)["plan"]["stage"] == "shadow"
+    asyncio.run(_send(app["url"], [f"plan-shadow-{i}" for i in range(window)], concurrency=4))
+    for stage, percent in (("5%", 5), ("25%", 25), ("100%", 100)):
+        stats = wait_stage(stage)
+        assert stats["rollout"]["canary_percent"] == percent
+        out = asyncio.run(_send(app["url"], users(percent, f"plan-{percent}"), concurrency=4))
+        assert {(r["status"], r["served_by"]) for r in out} == {(200, "student")}, out
+    stats = fetch_stats(config)
+    assert stats["plan"]["stage"] == "100%" and stats["rollout"]["mode"] == "full"
+    assert [d["action"] for d in stats["plan"]["decisions"]] == ["advance"] * 3
+    # The fault switch: the student's replica dies; its answers now fall back.
+    for replica in [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "student" in (a.class_name or "")
+                    and "ServeReplica" in (a.class_name or "")]:
+        ray.kill(ray.get_actor(replica.name, namespace="serve"), no_restart=False)
+    failing = 0
+    while fetch_stats(config)["plan"]["stage"] == "100%":
+        out = asyncio.run(_send(app["url"], [f"plan-dead-{failing}"], concurrency=1))
+        assert out[0]["status"] == 200 and out[0]["served_by"] == "teacher", out  # the safety net holds
+        failing += 1
+        assert failing <= window, "not pulled back within the guardrail's window"
+        time.sleep(0.6)  # two of the routers' syncs with the control
+    stats = fetch_stats(config)
+    step_back = stats["plan"]["decisions"][-1]
+    assert (step_back["action"], step_back["from"], step_back["to"]) == ("step_back", "100%", "25%"), step_back
+    assert stats["plan"]["held"] and stats["rollout"] == {**stats["rollout"], "mode": "canary", "canary_percent": 25.0}
+    assert "error rate" in step_back["reason"] or "fallback rate" in step_back["reason"]
+    printed = format_stats(stats)
+    assert "step_back 100% -> 25%" in printed and "held:" in printed
+    history = json.loads((app["workdir"] / "serve" / "rollout.json").read_text())["history"]
+    assert [h["decision"]["action"] for h in history if "decision" in h][-4:] == ["advance"] * 3 + ["step_back"]
+    print(f"\nrollout plan: advanced shadow -> 100% on {window} requests a stage; pulled back after {failing} failing "
+          f"requests: {step_back['reason']} {step_back['figures']}")

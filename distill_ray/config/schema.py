@@ -663,6 +663,10 @@ class PipelineConfig(Strict):
         if self.serve.student is not None and self.serve.student not in {s.name for s in self.students}:
             raise ValueError(f"serve.student '{self.serve.student}' is not a configured student")
         s = self.serve
+        served = next((t for t in self.teachers if t.name == s.teacher), self.teachers[0])
+        if served.max_tokens > s.max_tokens:
+            raise ValueError(f"serve.max_tokens ({s.max_tokens}) is below teachers.{served.name}.max_tokens "
+                             f"({served.max_tokens}), which clients of the teacher send; raise serve.max_tokens")
         if not s.allow_open_endpoint:
             for key in ("auth_token_env", "admin_token_env"):
                 if getattr(s, key) is None:

@@ -37,3 +37,17 @@ def test_the_rayservice_mounts_hashes_only():
         ref = env[f"{var}_SHA256"]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "serve-auth-token" and ref["key"] in ("sha256", "admin-sha256")
     assert "key: token" not in text
+
+
+def test_an_open_endpoint_is_an_explicit_choice():
+    from distill_ray.config.schema import PipelineConfig
+
+    for serve, words in (({"auth_token_env": None}, "serve.auth_token_env: null leaves the endpoint open"),
+                         ({"admin_token_env": None}, "serve.admin_token_env: null"),
+                         ({"admin_token_env": "DISTILL_SERVE_TOKEN"}, "apart from the API clients' token"),
+                         ({"max_tokens": 8}, "serve.max_tokens (8) is below teachers.")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            PipelineConfig.model_validate({"serve": serve})
+    opened = PipelineConfig.model_validate({"serve": {"auth_token_env": None, "admin_token_env": None,
+                                                      "allow_open_endpoint": True}})
+    assert opened.serve.auth_token_env is None

@@ -70,6 +70,15 @@ def summary(config: PipelineConfig) -> str | None:
     drift = _read(workdir, "drift", "report.json")
     if drift:
         lines.append(f"drift: {drift['verdict']}" + (f" ({'; '.join(drift['reasons'])})" if drift["reasons"] else ""))
+    from distill_ray.flywheel.redistill import round_workdir, rounds
+
+    done = [n for n in rounds(workdir) if round_workdir(workdir, n).exists("report.json")]
+    if done:
+        last = json.loads(round_workdir(workdir, done[-1]).read_bytes("report.json"))
+        q = last["quality"]
+        lines.append(f"flywheel: round {done[-1]}: {last['new']['student']} {q['new']:.3f} against the served "
+                     f"{last['current']['student']} {q['current']:.3f} on served traffic: "
+                     + ("promoted" if last["promoted"] else "kept the served student"))
     lines += [f"report:      {workdir.uri_of('eval', 'report.html')}",
               "checkpoints: " + ", ".join(workdir.uri_of("students", s.name, "best") for s in config.students),
               f"serve logs:  {workdir.uri_of('serve', 'logs')}"]

@@ -535,9 +535,9 @@ class Router:
         if version != self.control_version:
             self.rollout = Rollout.model_validate(rollout)
             self.control_version = version
-            self.metrics_rollout()
+            self._gauge_rollout()
 
-    def metrics_rollout(self) -> None:
+    def _gauge_rollout(self) -> None:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             r = self.rollout
@@ -547,7 +547,7 @@ class Router:
         gauged = 0.0
         while True:
             if time.monotonic() - gauged > GAUGE_EVERY_S:
-                self.metrics_rollout()
+                self._gauge_rollout()
                 gauged = time.monotonic()
             outcomes, self.outcomes = self.outcomes, []
             try:

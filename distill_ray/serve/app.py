@@ -477,14 +477,8 @@ class Router:
         self.teacher_key = os.environ.get(self.teacher.api_key_env) if self.teacher.api_key_env else None
         # The teacher's one ledger (its limits and the pipeline's budget_usd, shared with generate and
         # eval's judge): every fallback and shadow call draws a lease from it and books its cost.
-        from distill_ray.teacher.ledger import LeaseClient, open_ledger, read_spend
-
         workdir = Workdir(self.config.workdir)
-        others = sum(read_spend(workdir, t.name)["spent_usd"] for t in self.config.teachers if t.name != teacher_name)
-        ttl = self.config.generate.lease_ttl_s
-        self.teacher_ledger = LeaseClient(open_ledger(self.teacher, workdir, self.config.budget_usd, ttl, others), 1,
-                                          holder=f"serve:{ray.get_runtime_context().get_actor_id()}",
-                                          step="serve_fallback", flush_s=0.5, ttl_s=ttl)
+        self.teacher_ledger = self._open_ledger()
         # The tokens' SHA-256, computed where `distill-ray serve` read serve.auth_token_env and
         # serve.admin_token_env: the tokens themselves never travel to the cluster nor sit in a config.
         self.token_sha256, self.admin_sha256 = token_sha256, admin_sha256
@@ -515,6 +509,19 @@ class Router:
         self.stats = _Stats()
         self.session = None
         self.background: set[asyncio.Task] = set()
+
+    def _open_ledger(self):
+        """This replica's lease on the teacher's ledger (re-opened if the ledger actor died with its node:
+        a new one reads the spend persisted in the workdir)."""
+        from distill_ray.storage import Workdir
+        from distill_ray.teacher.ledger import LeaseClient, open_ledger, read_spend
+
+        workdir = Workdir(self.config.workdir)
+        others = sum(read_spend(workdir, t.name)["spent_usd"] for t in self.config.teachers if t.name != self.teacher.name)
+        ttl = self.config.generate.lease_ttl_s
+        return LeaseClient(open_ledger(self.teacher, workdir, self.config.budget_usd, ttl, others), 1,
+                           holder=f"serve:{ray.get_runtime_context().get_actor_id()}", step="serve_fallback",
+                           flush_s=0.5, ttl_s=ttl)
 
     def _check_gate(self, rollout: Rollout) -> None:
         if rollout.mode != "shadow" and not self.gate[0]:
@@ -595,6 +602,9 @@ class Router:
         except RequestError as err:
             return await self._error(err, record, path)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: an OpenAI-shaped 500, logged, never a traceback page
+            import traceback
+
+            record["error_trace"] = traceback.format_exc(limit=-4)[-2000:]  # in the log, not to the client
             return await self._error(RequestError(500, f"internal error: {type(exc).__name__}", type_="api_error",
                                                   code="internal_error"), record, path)
 
@@ -942,7 +952,15 @@ class Router:
         last = "no attempt"
         start = time.perf_counter()
         for attempt in range(3):
-            if not await self.teacher_ledger.acquire(est_tokens, est_cost):
+            try:
+                granted = await self.teacher_ledger.acquire(est_tokens, est_cost)
+            except ray.exceptions.RayError as exc:  # the ledger's node went away: wait for it, or make it anew
+                last = f"the teacher's ledger is unreachable ({type(exc).__name__})"
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    self.teacher_ledger = self._open_ledger()
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            if not granted:
                 raise RequestError(429, f"teacher '{t.name}': budget_usd is spent (the pipeline's teacher budget, "
                                    "shared by generate, eval and serve)", type_="insufficient_quota",
                                    code="insufficient_quota")

@@ -32,6 +32,19 @@ def init_ray(**local_kwargs) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def on_the_head(soft: bool = True):
+    """A scheduling strategy for the head node (soft: elsewhere if it cannot), for the detached
+    actors the whole cluster shares (a teacher's ledger): a lost worker node must not take them along,
+    and when the head goes the cluster goes with it. Falls back to this process's node where no node
+    says it is the head."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})),
+                ray.get_runtime_context().get_node_id())
+    return NodeAffinitySchedulingStrategy(head, soft=soft)
+
+
 def on_this_node():
     """A scheduling strategy for this process's node (hard affinity): the actors a job's state hangs
     on — a teacher's rate limiter with its spend — live and die with the job's driver, not on a

@@ -407,13 +407,12 @@ def open_ledger(teacher: Any, workdir: Workdir, budget_usd: float | None, lease_
                 other_spend: float = 0.0) -> Any:
     """The teacher's ledger actor for this workdir (made on first use, found by name after), set to the
     teacher's limits and what is left of `budget_usd` once `other_spend` (other teachers) is counted."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from distill_ray.ray_env import on_the_head
 
-    # Beside whoever opens it first (the driver, or a serve replica), but free to restart elsewhere.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # On the head node (soft): not on a worker node whose loss would take every step's spend along.
     actor = TeacherLedger.options(
         name=ledger_name(teacher.name, workdir.uri), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-        scheduling_strategy=here,
+        scheduling_strategy=on_the_head(),
     ).remote(teacher.name, workdir.uri)
     budget = None if budget_usd is None else max(0.0, budget_usd - other_spend)
     ray.get(actor.configure.remote(teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_concurrency,

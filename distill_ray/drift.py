@@ -29,10 +29,9 @@ An origin's verdict is `drift` with a reason per failed check, `ok`, or `not_eno
 traffic drifted. Written to `drift/report.json`: per origin under `origins`, and at the top level
 `verdict`, `reasons` (each named by its origin), `served_requests`, `error_requests`,
 `train_prompts` and `checks` (those of client traffic, else of the origin with the most requests,
-named by `checks_origin`). The same logs can be the next prompt set: `prompts.source:
-<workdir>/serve/logs/`, `messages_field: prompt`, `text_field: null`, `category_field: category`
-(the flywheel; read that way they also hold the replayed holdout and the failed requests, which
-`distill_ray.flywheel` leaves out).
+named by `checks_origin`). The same logs are the next prompt set: `distill-ray redistill`
+(`distill_ray.flywheel`) distils again from their client traffic, leaving out the replayed holdout
+and the failed requests.
 """
 
 from __future__ import annotations
@@ -245,8 +244,8 @@ def run_drift(config: PipelineConfig, echo: Callable[[str], None] = print) -> di
     for reason in report["reasons"]:
         echo(f"  - {reason}")
     if report["origins"].get(CLIENT, {}).get("verdict") == "drift":
-        echo("  next: distill again from the served traffic (prompts.source: "
-             f"{workdir.uri_of('serve', 'logs')}, messages_field: prompt, category_field: category)")
+        echo("  next: distill again from the served traffic: `distill-ray redistill` (client traffic only, new "
+             "prompts in the served mix, the teacher answers already paid for reused)")
     echo(f"drift: report in {workdir.uri_of('drift', 'report.json')}")
     return report
 

@@ -73,7 +73,25 @@ class RolloutControl:
         if init.get("plan"):
             self.plan = RolloutPlan([RolloutStage.model_validate(x) for x in init["plan"]],
                                     Guardrails.model_validate(init.get("guardrails") or {}), self.gate["passed"])
+        last = self._last_state()
+        if last is not None:  # this deployment's control, re-made after it died: where it was
+            self.rollout = Rollout.model_validate({k: last[k] for k in Rollout.model_fields})
+            if self.plan is not None and last.get("plan"):
+                self.plan.restore(last["plan"]["index"], last["plan"]["held"])
+        elif self.plan is not None:
             self._change(self.plan.rollout_changes(), by="plan")
+
+    def _last_state(self) -> dict[str, Any] | None:
+        """The last rollout this deployment's control recorded (serve/rollout.json), if any."""
+        if not self.workdir:
+            return None
+        from distill_ray.storage import Workdir
+
+        workdir = Workdir(self.workdir)
+        if not workdir.exists("serve", "rollout.json"):
+            return None
+        current = json.loads(workdir.read_bytes("serve", "rollout.json")).get("current") or {}
+        return current if current.get("generation") == self._generation and self._generation else None
 
     def generation(self) -> float:
         return self._generation
@@ -136,8 +154,10 @@ class RolloutControl:
         from distill_ray.serve.step import record_rollout
         from distill_ray.storage import Workdir
 
+        plan = {"index": self.plan.index, "held": self.plan.held} if self.plan is not None else None
         try:
-            record_rollout(Workdir(self.workdir), self.rollout.model_dump(), by, self.student, decision)
+            record_rollout(Workdir(self.workdir), self.rollout.model_dump(), by, self.student, decision,
+                           state={"generation": self._generation, "plan": plan})
         except OSError as exc:  # the decision stands; its record is best effort
             print(f"rollout: could not write serve/rollout.json: {exc}", flush=True)
 

@@ -183,6 +183,12 @@ class RolloutPlan:
         del self.decisions[:-50]
         return decision
 
+    def restore(self, index: int, held: str | None) -> dict[str, Any]:
+        """Back at a stage recorded before (a re-made control actor), its tallies fresh."""
+        self._enter(max(0, min(index, len(self.stages) - 1)))
+        self.held = held
+        return self._log("restore", self.index, self.index, "the control actor was re-made", {})
+
     def pause(self, why: str) -> dict[str, Any]:
         self.held = why
         return self._log("pause", self.index, self.index, why, {})

@@ -155,6 +155,7 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
     serve.start(http_options={"host": s.host, "port": s.port}, proxy_location=s.proxy_location)
     _reset_control()  # a fresh deployment starts from the config's rollout, not a previous run's
     t0 = time.perf_counter()
+    record_rollout(workdir, args["rollout"], "serve", name)  # before the app's control records its own
     serve.run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
     _wait_healthy(s.host, s.port, timeout_s=600)
     from distill_ray.serve.student import warm_up
@@ -169,7 +170,6 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
          + (plan[2:] if plan else f"mode {s.mode}" + (f" ({s.canary_percent:g}% of users)" if s.mode == "canary" else ""))
          + f"; fallback to teacher below confidence {args['rollout']['min_confidence']:g}; logs in "
            f"{workdir.uri_of('serve', 'logs')}")
-    record_rollout(workdir, args["rollout"], "serve", name)
     return {"url": url, "student": name, "checkpoint": uri, "rollout": args["rollout"]}
 
 
@@ -215,7 +215,6 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
 
     from distill_ray.config.schema import Rollout
 
-    workdir = Workdir(config.workdir)
     current = fetch_stats(config)["rollout"]
     if plan is not None:
         answer = _call(config, "/v1/distill/rollout", {"plan": plan})
@@ -236,9 +235,7 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
         if "HTTP 409" in str(exc) or "HTTP 400" in str(exc):
             raise ServeRefused(f"rollout refused by the app: {exc}") from None
         raise
-    student, _ = _deployed_student(workdir)
-    record_rollout(workdir, wanted, "rollout", student)
-    _wait_for_rollout(config, wanted)
+    _wait_for_rollout(config, wanted)  # the app's control actor records it in serve/rollout.json
     echo(f"rollout: mode {wanted['mode']}, canary {wanted['canary_percent']:g}%, min_confidence "
          f"{wanted['min_confidence']:g} (was mode {current['mode']}, canary {current['canary_percent']:g}%)"
          + ("; the rollout plan is paused (`distill-ray rollout --plan resume` re-arms it)"
@@ -365,26 +362,13 @@ def _wait_healthy(host: str, port: int, timeout_s: float) -> None:
 
 
 def record_rollout(workdir: Workdir, rollout: dict[str, Any], by: str, student: str,
-                   decision: dict[str, Any] | None = None) -> None:
+                   decision: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> None:
     """`serve/rollout.json`: the live rollout and its history (who changed what, when; the plan's
-    decisions with their figures)."""
+    decisions with their figures; `state`: what a re-made control actor resumes from)."""
     history = []
     if workdir.exists("serve", "rollout.json"):
         history = json.loads(workdir.read_bytes("serve", "rollout.json")).get("history", [])
-    entry = {**rollout, "student": student, "by": by, "time": time.time()}
+    entry = {**rollout, "student": student, "by": by, "time": time.time(), **(state or {})}
     if decision is not None:
         entry["decision"] = decision
     workdir.write_json({"current": entry, "history": [*history, entry][-200:]}, "serve", "rollout.json")
-
-
-def _current(workdir: Workdir) -> dict[str, Any] | None:
-    if not workdir.exists("serve", "rollout.json"):
-        return None
-    return json.loads(workdir.read_bytes("serve", "rollout.json"))["current"]
-
-
-def _deployed_student(workdir: Workdir) -> tuple[str, str]:
-    current = _current(workdir)
-    if not current:
-        raise ServeRefused(f"no record of the served student in {workdir.uri_of('serve', 'rollout.json')}")
-    return current["student"], workdir.uri_of("students", current["student"], "best")

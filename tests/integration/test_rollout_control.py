@@ -10,6 +10,7 @@ import ray
 
 from distill_ray.config.schema import Rollout
 from distill_ray.serve.app import control_actor
+from distill_ray.serve.step import _reset_control
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -18,6 +19,7 @@ def test_a_remade_control_resumes_the_plan_and_a_later_deployment_replaces_it(tm
     init = {"rollout": Rollout().model_dump(), "plan": [{"stage": "shadow"}, {"stage": 5}, {"stage": 100}],
             "guardrails": {"min_requests": 2, "window_requests": 2, "min_shadow_agreement": None},
             "gate": {"passed": True, "reason": ""}, "workdir": str(tmp_path), "student": "mini", "generation": 123.0}
+    _reset_control()  # none left by an earlier test's app
     made = []
     try:
         made.append(control_actor(init))

@@ -62,7 +62,7 @@ def app(tmp_path_factory):
     """The serve app in shadow mode in front of the fake teacher; removed at the end."""
     from ray import serve
 
-    from distill_ray.serve.step import deploy
+    from distill_ray.serve.step import _reset_control, deploy
 
     workdir = tmp_path_factory.mktemp("serve") / "run"
     _student(workdir)
@@ -81,6 +81,7 @@ def app(tmp_path_factory):
         finally:
             serve.delete("distill")
             serve.shutdown()
+            _reset_control()  # the app's detached rollout control goes with it
             os.environ.pop(TOKEN_ENV, None)
             os.environ.pop(ADMIN_ENV, None)
 

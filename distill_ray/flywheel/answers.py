@@ -46,7 +46,7 @@ from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_ma
 from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, answer_key, messages_digest
 from distill_ray.teacher.errors import BudgetReached, MissingInput
-from distill_ray.teacher.generate import ANSWER_FIELDS, ANSWER_SCHEMA, ask_teacher, teacher_messages
+from distill_ray.teacher.generate import ANSWER_SCHEMA, answer_row, ask_teacher, teacher_messages
 
 STEP = "teacher"  # the round's teacher/ artifacts, as generate writes them, so filter, train and eval read them
 LEDGER_STEP = "redistill"  # the spend's name in the ledger
@@ -186,23 +186,11 @@ def round_answers(config: PipelineConfig, pipeline: Workdir, lines: list[dict[st
                             mode=config.generate.mode)
         errors = Counter()
         for w in work:
-            answer = asked["answers"].get(w["key"])
-            prompt = w["prompt"]
-            base = {"id": prompt["id"], "split": prompt["split"], "category": prompt["category"],
-                    "reference": prompt["reference"], "teacher": teacher.name, "model": teacher.model,
-                    "sample": w["sample"], "messages": prompt["messages"]}
-            if answer is not None:
-                logprobs = answer.get("token_logprobs") or []
-                rows.append({**base, **{k: answer.get(k) for k in ANSWER_FIELDS},
-                             "top_logprobs": json.dumps(answer.get("top_logprobs") or []),
-                             "mean_logprob": sum(logprobs) / len(logprobs) if logprobs else None,
-                             "error": None, "error_kind": None})
-            else:
-                failed = asked["results"].get(w["key"]) or {}
-                kind = failed.get("error_kind") or "not_sent"
-                errors[kind] += 1
-                rows.append({**base, "error": failed.get("error") or "not asked in this run", "error_kind": kind,
-                             "attempts": failed.get("attempts", 0), "cost_usd": 0.0})
+            row = answer_row(teacher, w, asked["answers"].get(w["key"]), asked["results"].get(w["key"]),
+                             "not asked in this run")
+            if row["error"] is not None:
+                errors[row["error_kind"]] += 1
+            rows.append(row)
         report["teachers"][teacher.name] = {
             "answers_needed": len(work), "from_cache": from_cache, "from_logs": from_logs,
             "from_logs_now": seeded, "logs_not_reusable": dict(refused), "asked": len(asked["results"]),

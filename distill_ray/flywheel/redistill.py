@@ -36,14 +36,9 @@ import pyarrow.fs as pafs
 
 from distill_ray.config.schema import PipelineConfig, Student
 from distill_ray.flywheel.answers import round_answers
-from distill_ray.flywheel.served import (
-    SeenPrompts,
-    conversation_text,
-    log_files,
-    read_log_files,
-    select_new_prompts,
-)
+from distill_ray.flywheel.served import SeenPrompts, conversation_text, select_new_prompts
 from distill_ray.manifest import read_manifest
+from distill_ray.serve.logs import log_files, read_log_files
 from distill_ray.storage import Workdir
 from distill_ray.teacher.errors import MissingInput
 from distill_ray.teacher.ledger import read_spend

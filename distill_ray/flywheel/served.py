@@ -17,7 +17,6 @@ prompts were mostly seen before keeps its weight. The earlier sets are held in t
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,31 +28,12 @@ from distill_ray.config.schema import Prompts
 from distill_ray.prompts.minhash import band_keys, lsh_params, signatures
 from distill_ray.prompts.normalize import normalize, seeded_rank
 from distill_ray.prompts.sample import allocate
-from distill_ray.serve.logs import LOG_DIR
-from distill_ray.storage import Workdir
 
 
 def conversation_text(messages: Iterable[dict[str, Any]]) -> str:
     """The normalised text of a prompt's turns: what "the same prompt" means across prompt sets (the
     parent's, from text or messages, and the served logs')."""
     return normalize("\n".join(f"{m['role']}: {m['content']}" for m in messages))
-
-
-def log_files(workdir: Workdir) -> list[str]:
-    """The request log files under `serve/logs/`, oldest first (their names start with the time)."""
-    return sorted(name for name in workdir.list_files(*LOG_DIR) if name.endswith(".jsonl"))
-
-
-def read_log_files(workdir: Workdir, names: list[str]) -> list[dict[str, Any]]:
-    """The lines of these log files (a line cut short by a crash is skipped, as `read_logs` does)."""
-    lines = []
-    for name in names:
-        for text in workdir.read_bytes(*LOG_DIR, name).decode("utf-8", "replace").splitlines():
-            try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError:
-                continue
-    return lines
 
 
 def served_prompt(line: dict[str, Any]) -> list[dict[str, str]] | None:

@@ -223,15 +223,23 @@ def _set_once(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-def read_logs(workdir: Workdir) -> list[dict[str, Any]]:
-    """Every logged request, oldest file first (a cut last line is skipped)."""
+def log_files(workdir: Workdir) -> list[str]:
+    """The request log files under `serve/logs/`, oldest first (their names start with the time)."""
+    return sorted(name for name in workdir.list_files(*LOG_DIR) if name.endswith(".jsonl"))
+
+
+def read_log_files(workdir: Workdir, names: list[str]) -> list[dict[str, Any]]:
+    """The lines of these log files (a line cut short by a crash is skipped)."""
     out = []
-    for name in sorted(workdir.list_files(*LOG_DIR)):
-        if not name.endswith(".jsonl"):
-            continue
+    for name in names:
         for line in workdir.read_bytes(*LOG_DIR, name).decode("utf-8", "replace").splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def read_logs(workdir: Workdir) -> list[dict[str, Any]]:
+    """Every logged request, oldest file first (a cut last line is skipped)."""
+    return read_log_files(workdir, log_files(workdir))

@@ -52,6 +52,24 @@ ANSWER_FIELDS = ("completion", "tokens", "token_logprobs", "prompt_tokens", "com
                  "reasoning_tokens", "cost_usd", "latency_s", "attempts", "finish_reason")
 
 
+def answer_row(teacher: Teacher, w: dict[str, Any], answer: dict[str, Any] | None, failed: dict[str, Any] | None,
+               not_asked: str) -> dict[str, Any]:
+    """The `teacher/answers` row of one work item: its answer, or why it has none (`failed`: the
+    last attempt's result, if it was asked; `not_asked`: the error when it was not)."""
+    prompt = w["prompt"]
+    base = {"id": prompt["id"], "split": prompt["split"], "category": prompt["category"],
+            "reference": prompt["reference"], "teacher": teacher.name, "model": teacher.model,
+            "sample": w["sample"], "messages": prompt["messages"]}
+    if answer is not None:
+        logprobs = answer.get("token_logprobs") or []
+        return {**base, **{k: answer.get(k) for k in ANSWER_FIELDS},
+                "top_logprobs": json.dumps(answer.get("top_logprobs") or []),
+                "mean_logprob": sum(logprobs) / len(logprobs) if logprobs else None, "error": None, "error_kind": None}
+    failed = failed or {}
+    return {**base, "error": failed.get("error") or not_asked, "error_kind": failed.get("error_kind") or "not_sent",
+            "attempts": failed.get("attempts", 0), "cost_usd": 0.0}
+
+
 def teacher_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
     """What the teacher is sent: the task's instructions, its few-shot turns, then the prompt."""
     messages = [{"role": "system", "content": task.instructions}] if task.instructions else []
@@ -248,23 +266,11 @@ def _generate_one(config: PipelineConfig, teacher: Teacher, prompts: list[dict[s
     answers, results, nodes = asked["answers"], asked["results"], asked["nodes"]
     rows, errors = [], Counter()
     for w in work:
-        prompt, answer = w["prompt"], answers.get(w["key"])
-        base = {"id": prompt["id"], "split": prompt["split"], "category": prompt["category"],
-                "reference": prompt["reference"], "teacher": teacher.name, "model": teacher.model,
-                "sample": w["sample"], "messages": prompt["messages"]}
-        if answer is not None:
-            logprobs = answer.get("token_logprobs") or []
-            rows.append({**base, **{k: answer.get(k) for k in ANSWER_FIELDS},
-                         "top_logprobs": json.dumps(answer.get("top_logprobs") or []),
-                         "mean_logprob": sum(logprobs) / len(logprobs) if logprobs else None,
-                         "error": None, "error_kind": None})
-        else:
-            failed = results.get(w["key"])
-            kind = (failed or {}).get("error_kind") or "not_sent"
-            error = (failed or {}).get("error") or "not asked in this run (generate.limit, or the run stopped)"
-            errors[kind] += 1
-            rows.append({**base, "error": error, "error_kind": kind, "attempts": failed["attempts"] if failed else 0,
-                         "cost_usd": 0.0})
+        row = answer_row(teacher, w, answers.get(w["key"]), results.get(w["key"]),
+                         "not asked in this run (generate.limit, or the run stopped)")
+        if row["error"] is not None:
+            errors[row["error_kind"]] += 1
+        rows.append(row)
     cached_spend = sum(a.get("cost_usd") or 0.0 for a in answers.values())
     mean_cost = cached_spend / len(answers) if answers else 0.0
     return {

@@ -66,31 +66,36 @@ def _p95(values: list[float], min_n: int = MIN_P95_SAMPLES) -> float | None:
 
 def judge(g: Guardrails, outcomes: list[Outcome], full_window: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """(figures, broken guardrails) over `outcomes`. With `full_window`, rates count the misses
-    against a full window (a break that no later request could mend is a break now)."""
-    n = len(outcomes)
+    against a full window (a break that no later request could mend is a break now), and the
+    shadow agreement is judged once a window's worth of comparisons is in (a mean has no early
+    certainty)."""
+    agreed = [o.agreement for o in outcomes if o.agreement is not None]
+    return _check(g, len(outcomes), sum(o.fallback for o in outcomes), sum(o.error for o in outcomes),
+                  [o.latency_ms for o in outcomes], sum(agreed), len(agreed), base=max(len(outcomes), full_window or 0),
+                  min_p95=min(MIN_P95_SAMPLES, full_window or MIN_P95_SAMPLES),
+                  min_agreement=min(full_window or 0, g.window_requests))
+
+
+def _check(g: Guardrails, n: int, fallbacks: int, errors: int, latencies: list[float], agreement_sum: float,
+           agreement_n: int, *, base: int, min_p95: int, min_agreement: int) -> tuple[dict[str, Any], list[str]]:
     figures: dict[str, Any] = {"requests": n}
     broken: list[str] = []
     if not n:
         return figures, broken
-    base = max(n, full_window or 0)
-    fallbacks, errors = sum(o.fallback for o in outcomes), sum(o.error for o in outcomes)
     figures["fallback_rate"] = round(fallbacks / n, 4)
     figures["error_rate"] = round(errors / n, 4)
     if g.max_fallback_rate is not None and fallbacks / base > g.max_fallback_rate:
         broken.append(f"fallback rate {fallbacks}/{n} > {g.max_fallback_rate:g}")
     if g.max_error_rate is not None and errors / base > g.max_error_rate:
         broken.append(f"error rate {errors}/{n} > {g.max_error_rate:g}")
-    p95 = _p95([o.latency_ms for o in outcomes], min(MIN_P95_SAMPLES, full_window or MIN_P95_SAMPLES))
+    p95 = _p95(latencies, min_p95)
     figures["p95_ms"] = None if p95 is None else round(p95, 1)
     if g.max_p95_ms is not None and p95 is not None and p95 > g.max_p95_ms:
         broken.append(f"p95 {p95:.0f} ms > {g.max_p95_ms:g} ms")
-    agreed = [o.agreement for o in outcomes if o.agreement is not None]
-    if agreed:
-        mean = sum(agreed) / len(agreed)
+    if agreement_n:
+        mean = agreement_sum / agreement_n
         figures["shadow_agreement"] = round(mean, 4)
-        # judged once a window's worth of comparisons is in (a mean has no early certainty)
-        if g.min_shadow_agreement is not None and len(agreed) >= min(full_window or 0, g.window_requests) \
-                and mean < g.min_shadow_agreement:
+        if g.min_shadow_agreement is not None and agreement_n >= min_agreement and mean < g.min_shadow_agreement:
             broken.append(f"shadow agreement {mean:.3f} < {g.min_shadow_agreement:g}")
     return figures, broken
 
@@ -144,22 +149,12 @@ class RolloutPlan:
                               hold="guardrail broke at " + self.stage.label + ": " + "; ".join(broken))
         if self.held or self.index == len(self.stages) - 1 or self.tally.requests < g.min_requests:
             return None
-        whole = {"requests": self.tally.requests, "fallback_rate": round(self.tally.fallbacks / self.tally.requests, 4),
-                 "error_rate": round(self.tally.errors / self.tally.requests, 4)}
-        p95 = _p95(list(self.tally.latencies), min(MIN_P95_SAMPLES, g.window_requests))
-        whole["p95_ms"] = None if p95 is None else round(p95, 1)
-        if self.tally.agreement_n:
-            whole["shadow_agreement"] = round(self.tally.agreement_sum / self.tally.agreement_n, 4)
-        stage_broken = []
-        if g.max_fallback_rate is not None and whole["fallback_rate"] > g.max_fallback_rate:
-            stage_broken.append(f"stage fallback rate {whole['fallback_rate']} > {g.max_fallback_rate:g}")
-        if g.max_error_rate is not None and whole["error_rate"] > g.max_error_rate:
-            stage_broken.append(f"stage error rate {whole['error_rate']} > {g.max_error_rate:g}")
-        if g.max_p95_ms is not None and p95 is not None and p95 > g.max_p95_ms:
-            stage_broken.append(f"stage p95 {p95:.0f} ms > {g.max_p95_ms:g} ms")
-        if g.min_shadow_agreement is not None and self.stage.mode == "shadow" and \
-                whole.get("shadow_agreement", 0.0) < g.min_shadow_agreement:
-            stage_broken.append(f"stage shadow agreement {whole.get('shadow_agreement')} < {g.min_shadow_agreement:g}")
+        t = self.tally
+        whole, stage_broken = _check(g, t.requests, t.fallbacks, t.errors, list(t.latencies), t.agreement_sum,
+                                     t.agreement_n, base=t.requests, min_p95=min(MIN_P95_SAMPLES, g.window_requests),
+                                     min_agreement=0)
+        if g.min_shadow_agreement is not None and self.stage.mode == "shadow" and not t.agreement_n:
+            stage_broken.append("no shadow comparison in the stage")
         if stage_broken:
             return None  # not good enough to advance; the window decides whether to step back
         nxt = self.stages[self.index + 1]

@@ -393,6 +393,19 @@ class LayerDrop(Strict):
         return self
 
 
+class Lora(Strict):
+    """A LoRA student (PEFT): the base stays frozen, low-rank adapters on `target_modules` train. It is exported
+    twice: merged into the base (`best/`, any engine loads it) and as the adapter alone (`best/adapter/`, which
+    vLLM serves on top of `init/` with `serve.student_adapter: true`)."""
+
+    rank: int = Field(16, ge=1, le=1024, description="The adapters' rank r.")
+    alpha: float = Field(32, gt=0, description="Scale: the update is (alpha / rank) * B @ A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Names of the linear layers that get adapters (Llama/Qwen/Mistral names by default).")
+
+
 class Student(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     base_model: str = Field(
@@ -401,6 +414,7 @@ class Student(Strict):
     )
     layer_drop: LayerDrop | None = Field(None, description="Start from a layer-dropped copy of base_model.")
     chat_template: str | None = Field(None, description="Jinja chat template for models without one.")
+    lora: Lora | None = Field(None, description="Train LoRA adapters on a frozen base instead of every weight.")
     train: dict[str, Any] | None = Field(
         None, description="Overrides of `train:` for this student only (e.g. learning_rate, max_steps, epochs): "
         "sizes often need their own.")
@@ -424,6 +438,17 @@ class Train(Strict):
     learning_rate: float = Field(2.0e-4, gt=0)
     batch_size: int = Field(8, ge=1, description="Global batch size (split over workers).")
     max_seq_len: int = Field(512, ge=16)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step: each worker runs batch_size / (num_workers x this) rows "
+        "at a time. The loss is normalised by the global batch's answer tokens, so k micro-batches give the gradient "
+        "of one k-times batch.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass instead of keeping them: "
+        "about a third more compute for activations of one layer instead of all (what lets long sequences or big "
+        "micro-batches fit).")
+    packing: bool = Field(
+        False, description="Padding-free micro-batches: a micro-batch's rows go in one sequence, attention kept within "
+        "each row (position ids restart per row), so no compute goes to padding.")
     eval_every_steps: int = Field(50, ge=1)
     eval_sample_size: int = Field(64, ge=0, description="Holdout prompts scored by greedy generation per eval.")
     early_stopping_patience: int = Field(2, ge=0, description="Evals without improvement before stopping; 0 = off.")
@@ -564,6 +589,10 @@ class Serve(Strict):
         "for breaker_cooldown_s (fallback reason 'student_unavailable'), then tries one request again.")
     breaker_cooldown_s: float = Field(5.0, gt=0)
     student: str | None = Field(None, description="Student name to serve; default: the best that passed eval.")
+    student_adapter: bool = Field(
+        False, description="For a LoRA student (students[].lora) on vLLM: serve its base (`init/`) with the adapter "
+        "(`best/adapter/`, vLLM's LoRA) instead of the merged export; answers are the same, and one base can carry "
+        "several adapters.")
     teacher: str | None = Field(None, description="Teacher name to fall back to; default: the first.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -663,6 +692,13 @@ class PipelineConfig(Strict):
         if self.serve.student is not None and self.serve.student not in {s.name for s in self.students}:
             raise ValueError(f"serve.student '{self.serve.student}' is not a configured student")
         s = self.serve
+        if s.student_adapter:
+            if s.engine.backend != "vllm":
+                raise ValueError("serve.student_adapter: adapters are served by vLLM; set serve.engine.backend: vllm")
+            chosen = [x for x in self.students if x.name == s.student] if s.student else self.students
+            if not any(x.lora for x in chosen):
+                raise ValueError("serve.student_adapter: the served student has no `lora:` (only LoRA students have "
+                                 "an adapter)" if s.student else "serve.student_adapter: no student has `lora:`")
         served = next((t for t in self.teachers if t.name == s.teacher), self.teachers[0])
         if served.max_tokens > s.max_tokens:
             raise ValueError(f"serve.max_tokens ({s.max_tokens}) is below teachers.{served.name}.max_tokens "

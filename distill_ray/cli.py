@@ -61,6 +61,16 @@ def cmd_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """`train`, or with --bundle the loop's settings and data to run without Ray."""
+    if not args.bundle:
+        return cmd_step(args)
+    from distill_ray.train.step import write_bundles
+
+    write_bundles(_load(args), args.bundle)
+    return 0
+
+
 def _run_steps(config: PipelineConfig, names: list[str], announce: bool = False) -> None:
     """Run steps in order; the config's `launch` teachers serve while steps that call a teacher run."""
     from distill_ray.steps import STEPS
@@ -196,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
          f"distill-ray generate {EXAMPLE} -o budget_usd=5")
     verb("filter", cmd_step, "step 3b: apply `filters:` to the teacher answers, recording each drop's reason",
          f"distill-ray filter {EXAMPLE}")
-    verb("train", cmd_step, "steps 4-5: fine-tune each student on the filtered answers (Ray Train + DeepSpeed)",
-         f"distill-ray train {EXAMPLE} -o train.max_steps=20")
+    train = verb("train", cmd_train, "steps 4-5: fine-tune each student on the filtered answers (Ray Train + DeepSpeed)",
+                 f"distill-ray train {EXAMPLE} -o train.max_steps=20")
+    train.add_argument("--bundle", metavar="DIR", help="write each student's training loop to DIR/<student> to run "
+                       "without Ray (python -m distill_ray.train.standalone DIR/<student>, or under torchrun), "
+                       "instead of training")
     verb("eval", cmd_step, "step 6: each student against the teacher on the holdout, per slice; gate on task.bar",
          f"distill-ray eval {EXAMPLE}")
     verb("replay", cmd_step, "step 7 with traffic: serve the student, replay the held-out prompts in shadow "

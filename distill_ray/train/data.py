@@ -158,6 +158,37 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return batch
 
 
+def collate_packed(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A padding-free batch: the rows one after another in a single sequence, position_ids restarting
+    at 0 for each row and no attention mask, from which transformers builds a block-diagonal causal
+    mask (each token attends within its own row only; Flash-Attention kernels take the same layout on
+    GPU). No compute goes to padding. `logit_index` holds the positions whose next token is an answer
+    token: the only logits the loss needs (the position before a row's first token is the previous
+    row's last, whose next token is a prompt token: never a target across rows).
+    """
+    import torch
+
+    ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long)[None]
+    labels = torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.long)[None]
+    positions = torch.cat([torch.arange(len(r["input_ids"])) for r in rows])[None]
+    batch = {"input_ids": ids, "position_ids": positions, "labels": labels,
+             "logit_index": (labels[0, 1:] != IGNORE).nonzero().flatten()}
+    targets = [json.loads(r["kd"]) if r.get("kd") else [] for r in rows]
+    k = max((len(i) for t in targets for _, i, _ in t), default=0)
+    if k:
+        width = ids.size(1)
+        kd_ids = torch.full((1, width, k), -1, dtype=torch.long)
+        kd_lp = torch.zeros((1, width, k), dtype=torch.float32)
+        offset = 0
+        for r, t in zip(rows, targets, strict=True):
+            for pos, i, lps in t:
+                kd_ids[0, offset + pos, : len(i)] = torch.tensor(i)
+                kd_lp[0, offset + pos, : len(lps)] = torch.tensor(lps)
+            offset += len(r["input_ids"])
+        batch.update({"kd_ids": kd_ids, "kd_logprobs": kd_lp})
+    return batch
+
+
 def answer_window(labels: Any) -> int:
     """How many trailing positions' logits a left-padded batch needs: from the one before its
     earliest label to the end (logits at t predict the token at t + 1)."""

@@ -40,7 +40,8 @@ def load_preset(ds: DeepSpeed) -> dict[str, Any]:
     return preset
 
 
-def deepspeed_config(train: Train, *, micro_batch: int, world_size: int, total_steps: int) -> dict[str, Any]:
+def deepspeed_config(train: Train, *, micro_batch: int, world_size: int, total_steps: int,
+                     accumulate: int = 1) -> dict[str, Any]:
     config = copy.deepcopy(load_preset(train.deepspeed))
     zero = config.setdefault("zero_optimization", {})
     zero.setdefault("stage", train.deepspeed.zero_stage)
@@ -48,8 +49,8 @@ def deepspeed_config(train: Train, *, micro_batch: int, world_size: int, total_s
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     config.update({
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * world_size,
+        "gradient_accumulation_steps": accumulate,
+        "train_batch_size": micro_batch * accumulate * world_size,
         "optimizer": {"type": "AdamW", "params": {"lr": train.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
                                                   "weight_decay": 0.0, "torch_adam": True}},
         "scheduler": {"type": "WarmupDecayLR", "params": {

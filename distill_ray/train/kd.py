@@ -48,30 +48,67 @@ def align_top_logprobs(tokenizer: PreTrainedTokenizerBase, teacher_tokens: list[
     return (ids, out) if any(out) else None
 
 
-def distill_loss(logits: torch.Tensor, labels: torch.Tensor, kd_ids: torch.Tensor | None, kd_logprobs: torch.Tensor | None,
-                 weight: float) -> torch.Tensor:
-    """(1 - weight) * next-token cross-entropy + weight * top-k KD where targets exist.
+def loss_sums(logits: torch.Tensor, targets: torch.Tensor, kd_ids: torch.Tensor | None = None,
+              kd_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed losses over aligned predictions: logits [..., V] at the positions that predict `targets`
+    [...] (-100 ignored); kd_ids / kd_logprobs [..., K]: the teacher's top-k for the same target (id -1
+    where none). Returns (cross-entropy summed over the targets, KD summed over the positions with
+    teacher targets, or None without KD).
 
-    logits [B, T, V]; labels [B, T] (-100 ignored); kd_ids / kd_logprobs [B, T, K]: at position t the
-    teacher's top-k for the token at t + 1 (id -1 where none).
+    Sums, not means, so that the caller divides by the answer tokens of the whole global batch: k
+    micro-batches then give exactly the gradient of one k-times batch (gradient accumulation), however
+    their token counts differ.
     """
     import torch
     import torch.nn.functional as F
 
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
-    if kd_ids is None or weight <= 0:
-        return ce
-    ids, teacher = kd_ids[:, :-1], kd_logprobs[:, :-1]
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
+    if kd_ids is None:
+        return ce, None
+    ids = kd_ids.reshape(-1, kd_ids.size(-1))
     valid = ids >= 0
     positions = valid.any(-1)
     if not positions.any():
-        return ce
-    student = F.log_softmax(shift_logits, dim=-1).gather(-1, ids.clamp(min=0))
-    teacher = teacher.masked_fill(~valid, float("-inf"))
+        return ce, flat.new_zeros(())
+    student = F.log_softmax(flat[positions], dim=-1).gather(-1, ids[positions].clamp(min=0))
+    teacher = kd_logprobs.reshape(-1, kd_logprobs.size(-1))[positions].masked_fill(~valid[positions], float("-inf"))
     p = torch.softmax(teacher, dim=-1).nan_to_num(0.0)
-    kd = -(p * student.masked_fill(~valid, 0.0)).sum(-1)
-    return (1 - weight) * ce + weight * kd[positions].mean()
+    kd = -(p * student.masked_fill(~valid[positions], 0.0)).sum()
+    return ce, kd
+
+
+def loss_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(answer tokens, positions with teacher top-k targets) of a collated batch: what `loss_sums`
+    sums over, counted before the forward so that a whole global batch's totals can be all-reduced."""
+    labels = batch["labels"]
+    tokens = int((labels[:, 1:] != -100).sum())
+    kd_ids = batch.get("kd_ids")
+    kd = int((kd_ids[:, :-1] >= 0).any(-1).sum()) if kd_ids is not None else 0
+    return tokens, kd
+
+
+def combine(ce: torch.Tensor, kd: torch.Tensor | None, weight: float, tokens: float, kd_positions: float) -> torch.Tensor:
+    """(1 - weight) * CE per answer token + weight * KD per position with targets (CE alone without KD)."""
+    if kd is None or weight <= 0 or kd_positions <= 0:
+        return ce / max(tokens, 1)
+    return (1 - weight) * ce / max(tokens, 1) + weight * kd / kd_positions
+
+
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, kd_ids: torch.Tensor | None, kd_logprobs: torch.Tensor | None,
+                 weight: float) -> torch.Tensor:
+    """(1 - weight) * next-token cross-entropy + weight * top-k KD where targets exist (means over the batch).
+
+    logits [B, T, V]; labels [B, T] (-100 ignored); kd_ids / kd_logprobs [B, T, K]: at position t the
+    teacher's top-k for the token at t + 1 (id -1 where none).
+    """
+    shift = slice(None, -1)
+    use_kd = kd_ids is not None and weight > 0
+    ce, kd = loss_sums(logits[:, shift], labels[:, 1:], kd_ids[:, shift] if use_kd else None,
+                       kd_logprobs[:, shift] if use_kd else None)
+    tokens = int((labels[:, 1:] != -100).sum())
+    kd_positions = int((kd_ids[:, shift] >= 0).any(-1).sum()) if use_kd else 0
+    return combine(ce, kd, weight, tokens, kd_positions)
 
 
 def supports_logits_to_keep(model) -> bool:
@@ -79,25 +116,39 @@ def supports_logits_to_keep(model) -> bool:
     `logits_to_keep`, on Llama, Qwen, Mistral, Gemma and most decoder-only models)."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT (LoRA) model's own
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def student_loss(model, batch: dict[str, torch.Tensor], kd_weight: float, window: bool = True) -> torch.Tensor:
-    """The training loss of a left-padded batch (`data.collate`): cross-entropy on the answer
-    tokens, plus KD where the batch carries teacher top-k targets.
+def student_loss(model, batch: dict[str, torch.Tensor], kd_weight: float, window: bool = True,
+                 norm: tuple[float, float] | None = None) -> torch.Tensor:
+    """The training loss of a collated batch (`data.collate`, left-padded, or `data.collate_packed`):
+    cross-entropy on the answer tokens, plus KD where the batch carries teacher top-k targets.
 
-    With `window`, the forward computes logits for the answer window only; the loss is the same as
-    on full logits (tests check it), for a fraction of the LM head's compute.
+    The logits are computed only where the loss needs them: for a left-padded batch the answer window
+    (`window`), for a packed one the answer positions (`logit_index`); the loss is the same as on full
+    logits (tests check it), for a fraction of the LM head's compute (a large share of a small model's,
+    with a 50k vocabulary). `norm`: the (answer tokens, KD positions) to divide by, those of the whole
+    global batch under gradient accumulation; default this batch's own.
     """
     from distill_ray.train.data import answer_window
 
     labels = batch["labels"]
-    keep = answer_window(labels) if window else labels.size(1)
-    extra = {"logits_to_keep": keep} if window else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], **extra).logits
-    logits = logits[:, -keep:]
     kd_ids, kd_lp = batch.get("kd_ids"), batch.get("kd_logprobs")
-    if kd_ids is not None:
-        kd_ids, kd_lp = kd_ids[:, -keep:], kd_lp[:, -keep:]
-    return distill_loss(logits, labels[:, -keep:], kd_ids, kd_lp, kd_weight)
+    use_kd = kd_ids is not None and kd_weight > 0
+    if "logit_index" in batch:  # packed: one row, rows after one another
+        index = batch["logit_index"]
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       **({"logits_to_keep": index} if window else {})).logits
+        logits = logits[0] if window else logits[0, index]
+        ce, kd = loss_sums(logits, labels[0, index + 1], kd_ids[0, index] if use_kd else None,
+                           kd_lp[0, index] if use_kd else None)
+    else:
+        keep = answer_window(labels) if window else labels.size(1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], **({"logits_to_keep": keep} if window else {})).logits
+        shift = slice(-keep, -1)
+        ce, kd = loss_sums(logits[:, -keep:-1], labels[:, -keep + 1:], kd_ids[:, shift] if use_kd else None,
+                           kd_lp[:, shift] if use_kd else None)
+    tokens, kd_positions = norm if norm is not None else loss_counts(batch)
+    return combine(ce, kd, kd_weight, tokens, kd_positions)

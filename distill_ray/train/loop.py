@@ -1,22 +1,40 @@
-"""The per-worker training loop: DeepSpeed (ZeRO 0-3) inside Ray Train's TorchTrainer.
+"""The per-worker training loop: DeepSpeed (ZeRO 0-3) on each rank of a process group.
 
-Each worker streams its Ray Data shard of the tokenised training set; DeepSpeed shards optimizer
-state (ZeRO-1), gradients (2) and parameters (3) over the workers through the process group Ray
-Train set up (gloo on CPU, NCCL on GPU). Every `eval_every_steps` steps:
+`run(cfg, runtime)` is the loop; `train_loop(cfg)` is its Ray Train entry (TorchTrainer), and
+`distill_ray.train.standalone` runs it in a plain torch.distributed environment without Ray
+(`runtime.py`). Each rank streams its share of the tokenised training set; DeepSpeed shards the
+optimizer state (ZeRO-1), gradients (2) and parameters (3) over the ranks (gloo on CPU, NCCL on GPU).
 
-1. the weights are consolidated onto rank 0 (ZeRO-3 gathers them) into a plain Hugging Face copy;
-2. rank 0 scores that copy on the holdout: loss on the teacher's answers, and the task metric on a
-   sample by greedy generation; the verdict is broadcast so every rank takes the same decision;
-3. every rank saves its DeepSpeed state into a Ray Train checkpoint (for resume after a failure);
-   rank 0 writes `last/` (and `best/` when the holdout metric improved) as Hugging Face folders,
-   and `metrics.jsonl`;
+Big students:
+- ZeRO-3 builds the model under `deepspeed.zero.Init` (transformers' `from_pretrained` does so while a
+  `HfDeepSpeedConfig` is alive): each rank holds only its partition of the weights from the start,
+  never a whole copy.
+- `train.gradient_checkpointing` recomputes each decoder layer's activations in the backward pass.
+- `train.gradient_accumulation_steps` k: each optimizer step runs k micro-batches per rank; the loss is
+  divided by the answer tokens of the whole global batch (all-reduced before the forward), so the
+  gradient is that of one k-times batch.
+- `train.packing`: padding-free micro-batches (`data.collate_packed`).
+- `students[].lora`: LoRA adapters (PEFT) on a frozen base; only the adapters are trained and in the
+  optimizer.
+
+Every `eval_every_steps` steps:
+1. the weights are gathered to rank 0's CPU (ZeRO-3: DeepSpeed's consolidation, one layer at a time) and
+   written as a Hugging Face folder (LoRA: merged, and the adapter beside it);
+2. rank 0 scores the model on the holdout: loss on the teacher's answers, and the task metric on a
+   sample by greedy generation. Under ZeRO 0-2 it evaluates its own training module (every rank holds
+   all weights); under ZeRO-3 it loads the folder it just wrote for the eval and frees it after: no
+   second model stays on the GPU. The verdict is broadcast so every rank takes the same decision;
+3. every rank saves its DeepSpeed state into a checkpoint (for resume after a failure); rank 0 uploads
+   `last/` (and `best/` when the holdout metric improved) and `metrics.jsonl`;
 4. early stopping after `early_stopping_patience` evals without improvement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,80 +43,94 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distill_ray.train.data import IGNORE, answer_window, collate
-from distill_ray.train.kd import student_loss, supports_logits_to_keep
-
-STATE_FILE = "distill_ray_state.json"
+from distill_ray.train.data import IGNORE, answer_window, collate, collate_packed
+from distill_ray.train.kd import loss_counts, student_loss, supports_logits_to_keep
+from distill_ray.train.runtime import STATE_FILE, Runtime
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
-    import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
+    """Ray Train's entry: the loop on this worker, with Ray Train's runtime."""
+    from distill_ray.train.runtime import RayTrainRuntime
 
-    from distill_ray.models import load_causal_lm
+    run(cfg, RayTrainRuntime())
+
+
+def run(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
+    """Train one student on this rank; returns the loop's final state (the same on every rank)."""
+    import deepspeed
+
     from distill_ray.storage import Workdir
 
     _quiet()
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     torch.manual_seed(cfg["seed"])
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg["use_gpu"] else torch.device("cpu")
-    model, tokenizer = load_causal_lm(cfg["init_uri"])
+    rank = rt.rank
+    device = torch.device("cuda", rt.local_rank) if cfg["use_gpu"] else torch.device("cpu")
     if cfg["use_gpu"]:
         torch.cuda.set_device(device)
-    model.config.use_cache = False
+    zero3 = cfg["zero_stage"] == 3
+    model, tokenizer, sizes = _load_student(cfg, zero3)
+    if cfg.get("lora"):
+        from distill_ray.train import lora
+
+        model = lora.wrap(model, cfg["lora"])
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                          if p.requires_grad], config=cfg["deepspeed"])
-    # Where each worker runs (rank order), for the step's summary: placement is visible.
-    nodes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    cfg = {**cfg, "worker_nodes": nodes}
-    # The copy rank 0 evaluates and exports (plain fp32 Hugging Face model, no DeepSpeed hooks).
-    export_model = load_causal_lm(cfg["init_uri"])[0].to(device) if rank == 0 else None
+    nodes: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(nodes, rt.node())  # where each rank runs, for the step's summary
+    cfg = {**cfg, "worker_nodes": nodes, **sizes}
 
     workdir = Workdir(cfg["workdir"])
     out = tuple(cfg["out_parts"])
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "tokens": 0,
-             "train_seconds": 0.0, "stopped_early": False}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [],
+             "tokens": 0, "train_seconds": 0.0, "stopped_early": False}
+    with rt.restored() as folder:
+        if folder is not None:
             engine.load_checkpoint(folder, tag="ds", load_module_strict=True)
             with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
                 state = json.load(f)
-        if rank == 0:
-            _say(f"train[{cfg['name']}]: resumed at step {state['step']} from the last checkpoint")
-            _write_history(workdir, out, state)  # as of that checkpoint (a crash may have cut a later eval)
+            if rank == 0:
+                _say(f"train[{cfg['name']}]: resumed at step {state['step']} from the last checkpoint")
+                _write_history(workdir, out, state)  # as of that checkpoint (a crash may have cut a later eval)
 
     window = supports_logits_to_keep(model)
+    packed = bool(cfg.get("packing"))
+    accumulate = cfg.get("gradient_accumulation_steps", 1)
     total = cfg["total_steps"]
-    shard = ray.train.get_dataset_shard("train")
     pad_id = tokenizer.pad_token_id
     step_tokens = torch.zeros(1, dtype=torch.long)
-    losses: list[float] = []
+    loss_sum, loss_steps = 0.0, 0
     while state["step"] < total and not state["stopped_early"]:
-        skip = state["batch_in_epoch"]  # batches of this epoch consumed before a restart
+        skip = state["batch_in_epoch"]  # micro-batches of this epoch consumed before a restart
         tick = time.perf_counter()
-        for i, batch in enumerate(shard.iter_batches(batch_size=cfg["micro_batch"], batch_format="pyarrow",
-                                                     drop_last=True)):
-            if i < skip:
+        for i, micro in enumerate(_steps(rt.epoch(state["epoch"], cfg["micro_batch"]), accumulate)):
+            if i * accumulate < skip:
                 continue
-            tensors = {k: v.to(device) for k, v in collate(batch.to_pylist(), pad_id).items()}
-            # Logits on the answer window only; KD next to CE when the batch has teacher top-k.
-            loss = student_loss(engine, tensors, cfg["kd_weight"], window)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            step_tokens += int(tensors["attention_mask"].sum())
+            batches = [collate_packed(rows) if packed else collate(rows, pad_id) for rows in micro]
+            # Divide by the global batch's answer tokens (and KD positions), then undo DeepSpeed's
+            # averaging over micro-batches and ranks: the gradient of one big batch.
+            norm = torch.tensor([sum(loss_counts(b)[j] for b in batches) for j in (0, 1)], dtype=torch.float64)
+            dist.all_reduce(norm)
+            scale = rt.world_size * accumulate
+            for batch in batches:
+                tensors = {k: v.to(device) for k, v in batch.items()}
+                loss = student_loss(engine, tensors, cfg["kd_weight"], window, (float(norm[0]), float(norm[1])))
+                engine.backward(loss * scale)
+                engine.step()
+                loss_sum += float(loss.detach())
+                step_tokens += _tokens(batch)
+            loss_steps += 1
             state["step"] += 1
-            state["batch_in_epoch"] = i + 1
+            state["batch_in_epoch"] = (i + 1) * accumulate
             if state["step"] % cfg["eval_every_steps"] == 0 or state["step"] == total:
                 state["train_seconds"] += time.perf_counter() - tick
-                _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out, state, losses, step_tokens,
-                                         rank, Checkpoint)
-                losses, step_tokens = [], torch.zeros(1, dtype=torch.long)
+                train_loss = torch.tensor([loss_sum, loss_steps], dtype=torch.float64)
+                dist.all_reduce(train_loss)  # each rank's share of each step's loss, summed: the global loss
+                _evaluate_and_checkpoint(cfg, engine, tokenizer, workdir, out, state,
+                                         float(train_loss[0]) / max(loss_steps, 1), step_tokens, rt, device)
+                loss_sum, loss_steps, step_tokens = 0.0, 0, torch.zeros(1, dtype=torch.long)
                 tick = time.perf_counter()
             if state["step"] >= total or state["stopped_early"]:
                 break
@@ -107,8 +139,45 @@ def train_loop(cfg: dict[str, Any]) -> None:
             state["batch_in_epoch"] = 0
         state["train_seconds"] += time.perf_counter() - tick
     if rank == 0:
-        _say(f"train[{cfg['name']}]: finished at step {state['step']}"
-             + (" (early stop)" if state["stopped_early"] else ""))
+        _say(f"train[{cfg['name']}]: finished at step {state['step']}" + (" (early stop)" if state["stopped_early"] else ""))
+    return state
+
+
+def _steps(micro_batches, accumulate: int):
+    """Micro-batches grouped by optimizer step (a trailing incomplete group is dropped)."""
+    group: list[list[dict[str, Any]]] = []
+    for rows in micro_batches:
+        group.append(rows)
+        if len(group) == accumulate:
+            yield group
+            group = []
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a collated batch."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def _load_student(cfg: dict[str, Any], zero3: bool) -> tuple[Any, Any, dict[str, int]]:
+    """The student and its tokenizer. Under ZeRO-3 the model is built inside `deepspeed.zero.Init`
+    (transformers does it while an HfDeepSpeedConfig lives): each rank allocates only its partition.
+    Returns the elements of the whole model and those this rank holds."""
+    from distill_ray.models import load_causal_lm
+
+    dtype = torch.bfloat16 if cfg["deepspeed"].get("bf16", {}).get("enabled") else torch.float32
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        cfg["_hf_ds_config"] = HfDeepSpeedConfig(cfg["deepspeed"])  # must stay alive while the model loads
+    model, tokenizer = load_causal_lm(cfg["init_uri"], dtype=dtype)
+    model.config.use_cache = False
+    if zero3:
+        whole = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    else:
+        whole = held = sum(p.numel() for p in model.parameters())
+    return model, tokenizer, {"model_elements": whole, "model_elements_on_rank": held}
 
 
 def _say(line: str) -> None:
@@ -128,63 +197,84 @@ def _quiet() -> None:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" at every export
     except ImportError:  # pragma: no cover - deepspeed is a dependency
         pass
 
 
-def _evaluate_and_checkpoint(cfg, engine, export_model, tokenizer, workdir, out, state, losses, step_tokens,
-                             rank, Checkpoint) -> None:
+def _evaluate_and_checkpoint(cfg, engine, tokenizer, workdir, out, state, train_loss, step_tokens, rt: Runtime,
+                             device) -> None:
+    rank = rt.rank
     tokens = step_tokens.clone()
     dist.all_reduce(tokens)  # every rank's tokens, for the throughput
     state["tokens"] += int(tokens)
-    weights = _consolidated_state_dict(engine, cfg["zero_stage"])
+    weights = _gather_to_cpu(engine, cfg["zero_stage"])  # every rank takes part; rank 0 gets them
     verdict: list[Any] = [None]
-    if rank == 0:
-        export_model.load_state_dict(weights, strict=False)
-        holdout_loss = _holdout_loss(export_model, tokenizer, cfg["holdout_tokens"], cfg["micro_batch"] * 2)
-        metric = _holdout_metric(export_model, tokenizer, cfg["eval_prompts"], cfg["metric"], cfg["max_new_tokens"])
-        train_loss = sum(losses) / len(losses) if losses else None
-        record = {"step": state["step"], "epoch": state["epoch"], "train_loss": _round(train_loss),
-                  "holdout_loss": _round(holdout_loss), "metric": _round(metric),
-                  "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": round(time.time(), 3)}
-        if torch.cuda.is_available() and cfg["use_gpu"]:
-            record["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        score = (metric if metric is not None else 0.0, -holdout_loss)
-        improved = state["best"] is None or score > tuple(state["best"])
-        verdict = [{"record": record, "improved": improved, "score": list(score)}]
-    dist.broadcast_object_list(verdict, src=0)
-    result = verdict[0]
-    record = result["record"]
-    state["history"].append(record)
-    if result["improved"]:
-        state["best"], state["best_step"], state["bad_evals"] = result["score"], state["step"], 0
-    else:
-        state["bad_evals"] += 1
-    patience = cfg["early_stopping_patience"]
-    if patience and state["bad_evals"] >= patience:
-        state["stopped_early"] = True
-
-    if rank == 0:
-        _export(export_model, tokenizer, workdir, (*out, "last"), state, record)
+    export = tempfile.mkdtemp(prefix="distill-ray-export-") if rank == 0 else None
+    try:
+        if rank == 0:
+            _write_export(engine, weights, tokenizer, cfg, export)
+            del weights
+            with _eval_model(engine, cfg, export, device) as model:
+                holdout_loss = _holdout_loss(model, tokenizer, cfg["holdout_tokens"], cfg["micro_batch"] * 2)
+                metric = _holdout_metric(model, tokenizer, cfg["eval_prompts"], cfg["metric"], cfg["max_new_tokens"])
+            record = {"step": state["step"], "epoch": state["epoch"], "train_loss": _round(train_loss),
+                      "holdout_loss": _round(holdout_loss), "metric": _round(metric),
+                      "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": round(time.time(), 3),
+                      **_memory(cfg)}
+            score = (metric if metric is not None else 0.0, -holdout_loss)
+            improved = state["best"] is None or score > tuple(state["best"])
+            verdict = [{"record": record, "improved": improved, "score": list(score)}]
+        dist.broadcast_object_list(verdict, src=0)
+        result = verdict[0]
+        record = result["record"]
+        state["history"].append(record)
         if result["improved"]:
-            _export(export_model, tokenizer, workdir, (*out, "best"), state, record)
-        _write_history(workdir, out, state)
-        _say(f"train[{cfg['name']}]: step {record['step']}/{cfg['total_steps']} train loss {record['train_loss']} "
-             f"holdout loss {record['holdout_loss']} {cfg['metric_name']} {record['metric']} "
-             f"{record['tokens_per_s']} tokens/s" + (" (best so far)" if result["improved"] else ""))
+            state["best"], state["best_step"], state["bad_evals"] = result["score"], state["step"], 0
+        else:
+            state["bad_evals"] += 1
+        patience = cfg["early_stopping_patience"]
+        if patience and state["bad_evals"] >= patience:
+            state["stopped_early"] = True
+
+        if rank == 0:
+            with open(os.path.join(export, "distill_ray_checkpoint.json"), "w", encoding="utf-8") as f:
+                json.dump({"step": state["step"], **record}, f)
+            _upload(export, workdir, (*out, "last"))
+            if result["improved"]:
+                _upload(export, workdir, (*out, "best"))
+            _write_history(workdir, out, state)
+            _say(f"train[{cfg['name']}]: step {record['step']}/{cfg['total_steps']} train loss {record['train_loss']} "
+                 f"holdout loss {record['holdout_loss']} {cfg['metric_name']} {record['metric']} "
+                 f"{record['tokens_per_s']} tokens/s" + (" (best so far)" if result["improved"] else ""))
+    finally:
+        if export:
+            shutil.rmtree(export, ignore_errors=True)
 
     with tempfile.TemporaryDirectory(prefix="distill-ray-ckpt-") as folder:
         engine.save_checkpoint(folder, tag="ds")
         if rank == 0:
             with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(state, f)
-        import ray.train
-
         metrics = {**{k: v for k, v in record.items() if v is not None and k not in ("time", "unix_time")},
                    "best_step": state["best_step"], "stopped_early": state["stopped_early"],
                    "worker_nodes": cfg["worker_nodes"]}
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        rt.save(folder, metrics)
+
+
+def _memory(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's peaks so far: GPU memory allocated (CUDA) and host memory (resident set), and how much of
+    the model this rank holds (ZeRO-3: its partition)."""
+    import resource
+
+    out = {"host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+           "model_elements": cfg["model_elements"], "model_elements_on_rank": cfg["model_elements_on_rank"]}
+    if cfg["use_gpu"] and torch.cuda.is_available():
+        out["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 def _write_history(workdir, out: tuple[str, ...], state: dict[str, Any]) -> None:
@@ -192,13 +282,82 @@ def _write_history(workdir, out: tuple[str, ...], state: dict[str, Any]) -> None
     workdir.write_bytes(lines.encode(), *out, "metrics.jsonl")
 
 
-def _consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full weights on rank 0 (every rank must call this: ZeRO-3 gathers the partitions)."""
+def _gather_to_cpu(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """The full weights (state_dict names) on rank 0's CPU; None on other ranks. Every rank must call
+    it: under ZeRO-3 DeepSpeed gathers the partitions one module at a time and copies each to rank 0's
+    CPU, so no rank ever holds the whole model on its GPU at once."""
     if zero_stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()  # noqa: SLF001 - DeepSpeed's own consolidation
     if dist.get_rank() == 0:
-        return {k: v.detach().to("cpu", torch.float32) for k, v in engine.module.state_dict().items()}
+        return {k: v.detach().to("cpu") for k, v in engine.module.state_dict().items()}
     return None
+
+
+def _write_export(engine, weights: dict[str, torch.Tensor], tokenizer, cfg: dict[str, Any], folder: str) -> None:
+    """The export folder (from_pretrained-loadable) from the gathered CPU weights; a LoRA student's
+    weights merged, with its adapter under `adapter/`."""
+    if cfg.get("lora"):
+        from distill_ray.train import lora
+
+        lora.export(weights, _local_init(cfg), cfg["lora"], folder, os.path.join(folder, "adapter"))
+    else:
+        engine.module.save_pretrained(folder, state_dict=weights)
+    tokenizer.save_pretrained(folder)
+
+
+def _local_init(cfg: dict[str, Any]) -> str:
+    """A local folder of the student's starting weights (an S3 init is downloaded once to the cache)."""
+    from distill_ray.models import model_folder
+
+    return str(model_folder(cfg["init_uri"]))
+
+
+@contextlib.contextmanager
+def _eval_model(engine, cfg: dict[str, Any], export: str, device):
+    """The model rank 0 evaluates. ZeRO 0-2: its own training module (already whole here), in eval
+    mode for the time of the eval. ZeRO-3: the export just written, loaded for the eval and freed
+    after (a transient copy, not one kept beside training)."""
+    if cfg["zero_stage"] < 3:
+        module = engine.module
+        module.eval()
+        try:
+            yield module
+        finally:
+            module.train()
+        return
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg["deepspeed"].get("bf16", {}).get("enabled") else torch.float32
+    with _zero3_off():
+        model = AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(device).eval()
+    try:
+        yield model
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _zero3_off():
+    """Load a plain model while the training run's HfDeepSpeedConfig (ZeRO-3) is alive: transformers
+    would otherwise partition it with zero.Init."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref  # noqa: SLF001 - transformers keeps it as a module global
+    hf_ds._hf_deepspeed_config_weak_ref = None  # noqa: SLF001
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved  # noqa: SLF001
+
+
+def _upload(local: str, workdir, parts: tuple[str, ...]) -> None:
+    """A Hugging Face folder under the workdir, replaced whole."""
+    from distill_ray.train.students import upload_folder
+
+    workdir.remove(*parts)
+    upload_folder(local, workdir, *parts)
 
 
 def _round(value: float | None) -> float | None:
@@ -209,11 +368,11 @@ def _round(value: float | None) -> float | None:
 def _holdout_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> float | None:
     if not rows:
         return None
-    model.eval()
     total, count = 0.0, 0
     window = supports_logits_to_keep(model)
+    device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(rows[start:start + batch_size], tokenizer.pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], tokenizer.pad_token_id).items()}
         labels = batch["labels"]
         keep = answer_window(labels) if window else labels.size(1)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -235,20 +394,12 @@ def _holdout_metric(model, tokenizer, prompts: list[dict[str, Any]], metric_name
     if not prompts:
         return None
     score = metric(metric_name["name"], metric_name.get("pattern"))
-    generator = BatchGenerator(model, tokenizer, max_batch=16)
-    requests = [GenerationRequest(prompt_ids=p["prompt_ids"], max_tokens=max_new_tokens) for p in prompts]
-    answers = [r.text for i in range(0, len(requests), 16) for r in generator.generate(requests[i:i + 16])]
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # training turns it off; generation wants its KV cache
+    try:
+        generator = BatchGenerator(model, tokenizer, max_batch=16)
+        requests = [GenerationRequest(prompt_ids=p["prompt_ids"], max_tokens=max_new_tokens) for p in prompts]
+        answers = [r.text for i in range(0, len(requests), 16) for r in generator.generate(requests[i:i + 16])]
+    finally:
+        model.config.use_cache = use_cache
     return sum(score(a, p["target"]) for a, p in zip(answers, prompts, strict=True)) / len(prompts)
-
-
-def _export(model, tokenizer, workdir, parts: tuple[str, ...], state: dict[str, Any], record: dict[str, Any]) -> None:
-    """A Hugging Face folder (from_pretrained-loadable) under the workdir, replaced whole."""
-    from distill_ray.train.students import upload_folder
-
-    with tempfile.TemporaryDirectory(prefix="distill-ray-export-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "distill_ray_checkpoint.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": state["step"], **record}, f)
-        workdir.remove(*parts)
-        upload_folder(tmp, workdir, *parts)

@@ -71,13 +71,7 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
         return manifest
     _start_or_resume(workdir, student.name, record.fingerprint, echo)
     t0 = time.perf_counter()
-    try:
-        init = prepare_student(student, workdir, echo)
-    except ModelNotFoundError as exc:
-        raise TrainDataError(f"students.{student.name}.base_model: {exc}") from None
-    tokenizer = _tokenizer(init["uri"])
-    data = _tokenized(config, student, tokenizer, examples)
-    cfg = _loop_config(config, student, workdir, init["uri"], data)
+    init, data, cfg = _plan(config, student, workdir, examples, echo)
     echo(f"train[{student.name}]: {len(data['train'])} training rows ({data['truncated']} cut to max_seq_len "
          f"{config.train.max_seq_len}), {cfg['total_steps']} steps on {config.train.num_workers} workers, "
          f"ZeRO-{cfg['zero_stage']}, holdout {len(data['holdout'])} rows ({len(data['eval_prompts'])} generated per eval)")
@@ -100,6 +94,44 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
         echo(f"train[{student.name}]: workers ran on {len(set(summary['worker_nodes']))} nodes: "
              + ", ".join(f"rank {i} {n[:12]}" for i, n in enumerate(summary["worker_nodes"])))
     return write_manifest(workdir, record)
+
+
+def _plan(config: PipelineConfig, student: Student, workdir: Workdir, examples: dict[str, list[dict[str, Any]]],
+          echo: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The student's starting point, its tokenised data and the loop's settings; every input checked."""
+    try:
+        init = prepare_student(student, workdir, echo)
+    except ModelNotFoundError as exc:
+        raise TrainDataError(f"students.{student.name}.base_model: {exc}") from None
+    if student.lora:
+        from distill_ray.train import lora
+
+        lora.check(init["uri"], student.lora, student.name)
+    tokenizer = _tokenizer(init["uri"])
+    data = _tokenized(config, student, tokenizer, examples)
+    return init, data, _loop_config(config, student, workdir, init["uri"], data)
+
+
+def write_bundles(config: PipelineConfig, folder: str, echo: Callable[[str], None] = print) -> list[str]:
+    """For each student, the training loop's bundle (`<folder>/<student>/loop.json` + `train.jsonl`) to run
+    without Ray: `python -m distill_ray.train.standalone <folder>/<student>` (or under torchrun)."""
+    from distill_ray.train.standalone import write_bundle
+
+    workdir = Workdir(config.workdir)
+    if not read_manifest(workdir, "filtered"):
+        raise MissingInput(f"no filtered set in {workdir.uri_of('filtered')}: run `distill-ray filter` first")
+    examples = load_examples(config, workdir)
+    out = []
+    for student in config.students:
+        own = config.model_copy(update={"train": config.train_for(student)})
+        load_preset(own.train.deepspeed)
+        _, data, cfg = _plan(own, student, workdir, examples, echo)
+        path = os.path.join(folder, student.name)
+        write_bundle(path, cfg, data["train"])
+        echo(f"train[{student.name}]: bundle in {path} ({len(data['train'])} rows, {cfg['total_steps']} steps): "
+             f"python -m distill_ray.train.standalone {path}")
+        out.append(path)
+    return out
 
 
 def _tokenizer(uri: str):
@@ -140,14 +172,18 @@ def _tokenized(config: PipelineConfig, student: Student, tokenizer, examples) ->
 def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, init_uri: str,
                  data: dict[str, Any]) -> dict[str, Any]:
     t = config.train
-    world = t.num_workers
-    micro = max(1, t.batch_size // world)
-    per_epoch = (len(data["train"]) // world) // micro
+    world, accumulate = t.num_workers, t.gradient_accumulation_steps
+    if t.batch_size < world * accumulate:
+        raise TrainDataError(f"train.batch_size: {t.batch_size} rows per step cannot be split over {world} workers x "
+                             f"{accumulate} micro-batches (train.gradient_accumulation_steps); raise it to at least "
+                             f"{world * accumulate}")
+    micro = t.batch_size // (world * accumulate)
+    per_epoch = (len(data["train"]) // world) // (micro * accumulate)
     if per_epoch == 0:
         raise TrainDataError(f"train.batch_size: {len(data['train'])} training rows are fewer than one global batch "
-                             f"({micro} per worker x {world} workers)")
+                             f"({micro} per micro-batch x {accumulate} micro-batches x {world} workers)")
     total = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
-    ds = deepspeed_config(t, micro_batch=micro, world_size=world, total_steps=total)
+    ds = deepspeed_config(t, micro_batch=micro, world_size=world, total_steps=total, accumulate=accumulate)
     return {
         "name": student.name, "seed": t.seed, "use_gpu": t.use_gpu, "init_uri": init_uri, "workdir": workdir.uri,
         "out_parts": ["students", student.name], "deepspeed": ds, "zero_stage": ds["zero_optimization"]["stage"],
@@ -155,6 +191,9 @@ def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, ini
         "early_stopping_patience": t.early_stopping_patience, "kd_weight": t.kd_weight, "holdout_tokens": data["holdout"],
         "eval_prompts": data["eval_prompts"], "metric": {"name": _loop_metric(config), "pattern": config.task.metric_pattern},
         "metric_name": _loop_metric(config), "max_new_tokens": max(t_.max_tokens for t_ in config.teachers),
+        "global_batch": micro * accumulate * world, "gradient_accumulation_steps": accumulate,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "packing": t.packing, "lora": student.lora.model_dump() if student.lora else None,
     }
 
 

@@ -4,6 +4,9 @@ The engine lives on an event loop of its own, in a thread: Serve replicas await 
 eval's Ray Data actors call it from plain (blocking) code; a request cancelled by its caller (a
 router's latency budget, a client gone) is aborted in the engine. Prompts are rendered with the
 model's chat template into token ids here, so the student answers the prompt it was trained on.
+
+A LoRA student's adapter (`students/<name>/best/adapter/`) is served on top of its base (`init/`):
+the engine starts with LoRA enabled (`lora_kwargs`) and every request carries the adapter.
 """
 
 from __future__ import annotations
@@ -57,6 +60,30 @@ def engine_kwargs(folder: str, engine: Engine) -> dict[str, Any]:
     return kwargs
 
 
+# vLLM accepts these max_lora_rank values only (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(adapter: str) -> int:
+    """The largest rank of a PEFT adapter folder's layers (`r`, or a larger one in `rank_pattern`)."""
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return max([int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+
+
+def lora_kwargs(rank: int) -> dict[str, Any]:
+    """vLLM engine arguments for serving one LoRA adapter of this rank on the base model.
+
+    Raises:
+        ValueError: the rank is above what vLLM serves (512).
+    """
+    fitting = [r for r in LORA_RANKS if r >= rank]
+    if not fitting:
+        raise ValueError(f"the adapter's rank {rank} is above {LORA_RANKS[-1]}, the largest vLLM's LoRA serves; serve "
+                         "the merged export (serve.student_adapter: false) or train with a smaller students[].lora.rank")
+    return {"enable_lora": True, "max_lora_rank": fitting[0], "max_loras": 1}
+
+
 def max_model_len(folder: str, engine: Engine) -> int:
     """`engine.max_model_len`, cut to the model's own context (vLLM refuses a longer one)."""
     try:
@@ -68,15 +95,23 @@ def max_model_len(folder: str, engine: Engine) -> int:
 
 
 class VllmEngine:
-    """A model in vLLM's AsyncLLM, answering chats with token logprobs."""
+    """A model in vLLM's AsyncLLM, answering chats with token logprobs.
 
-    def __init__(self, folder: str, engine: Engine, *, chat_template: str | None = None):
+    With `adapter` (a PEFT adapter folder trained on `folder`), LoRA is enabled and every request
+    carries the adapter: the answers are the LoRA student's, the weights in memory its base's."""
+
+    def __init__(self, folder: str, engine: Engine, *, chat_template: str | None = None, adapter: str | None = None):
         from transformers import AutoTokenizer
 
         from distill_ray.train.data import ensure_chat_template
 
         os.environ.update(engine_env(engine))
         self.folder, self.settings = folder, engine
+        self.lora_request = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(lora_name="student", lora_int_id=1, lora_path=adapter)
         self.max_model_len = max_model_len(folder, engine)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         ensure_chat_template(self.tokenizer, chat_template)
@@ -94,7 +129,10 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(self.folder, self.settings)))
+        kwargs = engine_kwargs(self.folder, self.settings)
+        if self.lora_request is not None:
+            kwargs.update(lora_kwargs(adapter_rank(self.lora_request.lora_path)))
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     # ------------------------------------------------------------------------------------ protocol
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0) -> Answer:
@@ -128,7 +166,8 @@ class VllmEngine:
     def info(self) -> dict[str, Any]:
         return {"engine": "vllm", "parameters": self.parameters, "dtype": str(self.llm.model_config.dtype),
                 "enforce_eager": self.llm.model_config.enforce_eager,
-                "tensor_parallel_size": self.settings.tensor_parallel_size}
+                "tensor_parallel_size": self.settings.tensor_parallel_size,
+                **({"adapter": self.lora_request.lora_path} if self.lora_request is not None else {})}
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -156,7 +195,8 @@ class VllmEngine:
         params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature, logprobs=0,
                                 skip_special_tokens=True)
         final, sent_text, sent_tokens = None, 0, 0
-        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex,
+                                              lora_request=self.lora_request):
             final = output
             if on_delta is not None:
                 completion = output.outputs[0]

@@ -127,6 +127,8 @@ def app_args(config: PipelineConfig, student: str, uri: str, result: dict[str, A
     config = config.model_copy(update={"serve": config.serve.model_copy(
         update={"min_confidence": resolve_min_confidence(config, result)})})
     s = config.serve
+    if s.student_adapter:
+        _check_adapter(config, student, uri)
     if s.mode != "shadow":
         passed, why = student_gate(config, Workdir(config.workdir), student)
         if not passed:
@@ -138,6 +140,26 @@ def app_args(config: PipelineConfig, student: str, uri: str, result: dict[str, A
             "generation": time.time(),  # a redeploy's rollout control replaces an earlier one's
             "rollout": {"mode": s.mode, "canary_percent": s.canary_percent, "min_confidence": s.min_confidence,
                         "latency_budget_ms": s.latency_budget_ms}}
+
+
+def _check_adapter(config: PipelineConfig, student: str, uri: str) -> None:
+    """serve.student_adapter: the student is a LoRA student whose adapter and base are where vLLM reads them."""
+    from distill_ray.serve.student import adapter_paths
+    from distill_ray.storage import is_s3
+
+    entry = next((x for x in config.students if x.name == student), None)
+    if entry is None or entry.lora is None:
+        raise ServeRefused(f"serve.student_adapter: student '{student}' has no `lora:` (only LoRA students have an "
+                           "adapter); set serve.student_adapter: false to serve its checkpoint")
+    if is_s3(uri):
+        raise ServeRefused("serve.student_adapter: vLLM loads the adapter from a local (or shared) folder, and "
+                           f"{uri} is on S3; set serve.student_adapter: false to serve the merged checkpoint")
+    base, adapter = adapter_paths(uri)
+    for path in (os.path.join(adapter, "adapter_config.json"), os.path.join(base, "config.json")):
+        if not os.path.exists(path):
+            raise ServeRefused(f"serve.student_adapter: {path} does not exist (a LoRA student's training writes its "
+                               "base to students/<name>/init and its adapter to students/<name>/best/adapter); run "
+                               "`distill-ray train` again, or set serve.student_adapter: false")
 
 
 def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -166,7 +188,8 @@ def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[
                f"{'passed' if result['passed'] else 'FAILED'} eval") if result else ""
     plan = (f"; rollout plan {' -> '.join(stage.label for stage in s.rollout_plan)}, from its first stage"
             if s.rollout_plan else "")
-    echo(f"serve: {url} ready in {time.perf_counter() - t0:.0f}s: student '{name}'{quality}; "
+    adapter = " (its LoRA adapter on its base)" if s.student_adapter else ""
+    echo(f"serve: {url} ready in {time.perf_counter() - t0:.0f}s: student '{name}'{adapter}{quality}; "
          + (plan[2:] if plan else f"mode {s.mode}" + (f" ({s.canary_percent:g}% of users)" if s.mode == "canary" else ""))
          + f"; fallback to teacher below confidence {args['rollout']['min_confidence']:g}; logs in "
            f"{workdir.uri_of('serve', 'logs')}")

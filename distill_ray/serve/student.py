@@ -6,6 +6,11 @@ With `serve.engine.backend: vllm` (the default) the student is Ray's own LLM dep
 built from the same engine settings eval and the teacher use (`distill_ray.engine.vllm`). With
 `backend: transformers` it is `StudentServer` (app.py), distill-ray's own batched generator.
 
+With `serve.student_adapter: true` (a LoRA student, vLLM) the engine holds the student's base
+(`students/<name>/init/`) and its adapter (`best/adapter/`) as a LoRA module named after the student:
+the router asks for the student by name, so every request carries the adapter; the base alone is
+`<name>-base`, which nothing asks for.
+
 The router holds a `StudentClient` for either: `generate` returns one answer with its confidence
 (the mean token logprob), `stream` yields pieces as they are decoded (text and the logprobs of their
 tokens), then the whole answer marked `done`.
@@ -26,20 +31,28 @@ def llm_deployment(model_uri: str, name: str, s: Serve, replica_options: dict[st
     Args:
         model_uri: the checkpoint (`students/<name>/best`: a local folder or an s3:// prefix).
         name: the student's name (the model id the router asks for).
-        s: the `serve:` section (its `engine`).
+        s: the `serve:` section (its `engine`; `student_adapter`: the base and the adapter, see
+            `adapter_paths`, instead of the merged checkpoint).
         replica_options: num_replicas or autoscaling_config, max_replicas_per_node.
     """
     import logging
 
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
-    from distill_ray.engine.vllm import engine_env, engine_kwargs
+    from distill_ray.engine.vllm import adapter_rank, engine_env, engine_kwargs, lora_kwargs
     from distill_ray.storage import is_s3
 
     engine = s.engine
+    model_id, adapter = name, None
+    if s.student_adapter:
+        model_uri, adapter = adapter_paths(model_uri)
+        model_id = f"{name}-base"
     kwargs = engine_kwargs(model_uri, engine) if not is_s3(model_uri) else engine_kwargs("", engine)
     kwargs.pop("model")
     kwargs.pop("disable_log_stats")  # Ray's LLM deployment exports the engine's metrics, which need them
+    if adapter is not None:  # vLLM's static LoRA module: loaded at start, chosen by the request's model name
+        kwargs.update(lora_kwargs(adapter_rank(adapter)))
+        kwargs["lora_modules"] = [{"name": name, "path": adapter, "base_model_name": model_id}]
     source: Any = {"bucket_uri": model_uri} if is_s3(model_uri) else model_uri
     if engine.num_gpus:
         gpu = {"GPU": 1.0}
@@ -49,7 +62,7 @@ def llm_deployment(model_uri: str, name: str, s: Serve, replica_options: dict[st
     if s.student_resources:
         bundles[0] = {**bundles[0], **s.student_resources}
     config = LLMConfig(
-        model_loading_config={"model_id": name, "model_source": source},
+        model_loading_config={"model_id": model_id, "model_source": source},
         engine_kwargs=kwargs,
         accelerator_type=engine.accelerator_type,
         # The engine's own CPU (and GPUs) are the placement group's; the replica actor itself asks for
@@ -60,6 +73,13 @@ def llm_deployment(model_uri: str, name: str, s: Serve, replica_options: dict[st
     )
     logging.getLogger("ray.serve.ray.llm").setLevel(logging.WARNING)  # it prints every deployment option at INFO
     return build_llm_deployment(config, name_prefix="", override_serve_options={"name": "student", **replica_options})
+
+
+def adapter_paths(best_uri: str) -> tuple[str, str]:
+    """(base, adapter) of a LoRA student's checkpoint `students/<name>/best`: its starting weights
+    `students/<name>/init` and the adapter trained on them, `students/<name>/best/adapter`."""
+    best = best_uri.rstrip("/")
+    return f"{best.rsplit('/', 1)[0]}/init", f"{best}/adapter"
 
 
 class StudentClient:

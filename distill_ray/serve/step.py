@@ -143,17 +143,18 @@ def app_args(config: PipelineConfig, student: str, uri: str, result: dict[str, A
 
 
 def _check_adapter(config: PipelineConfig, student: str, uri: str) -> None:
-    """serve.student_adapter: the student is a LoRA student whose adapter and base are where vLLM reads them."""
+    """serve.student_adapter: the student's adapter and base are where vLLM reads them (the flywheel's
+    promoted student, not in `students:`, counts as a LoRA student when its adapter is there)."""
     from distill_ray.serve.student import adapter_paths
     from distill_ray.storage import is_s3
 
-    entry = next((x for x in config.students if x.name == student), None)
-    if entry is None or entry.lora is None:
-        raise ServeRefused(f"serve.student_adapter: student '{student}' has no `lora:` (only LoRA students have an "
-                           "adapter); set serve.student_adapter: false to serve its checkpoint")
     if is_s3(uri):
         raise ServeRefused("serve.student_adapter: vLLM loads the adapter from a local (or shared) folder, and "
                            f"{uri} is on S3; set serve.student_adapter: false to serve the merged checkpoint")
+    entry = next((x for x in config.students if x.name == student), None)
+    if entry is not None and entry.lora is None:
+        raise ServeRefused(f"serve.student_adapter: student '{student}' has no `lora:` (only LoRA students have an "
+                           "adapter); set serve.student_adapter: false to serve its checkpoint")
     base, adapter = adapter_paths(uri)
     for path in (os.path.join(adapter, "adapter_config.json"), os.path.join(base, "config.json")):
         if not os.path.exists(path):

@@ -156,14 +156,17 @@ def merged_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
 def _host_copy(base_folder: str, lora: Lora | dict[str, Any]) -> PeftModel:
     """The wrapped model exports are written from, on the host; loaded once per base and `lora:`."""
     global _cpu_copy
-    from distill_ray.models import load_causal_lm
-
     key = (base_folder, json.dumps(settings(lora).model_dump(), sort_keys=True))
     if _cpu_copy is None or _cpu_copy[0] != key:
         _cpu_copy = None  # the previous student's copy goes before the next one loads
+        import torch
         from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
 
-        base = load_causal_lm(base_folder)[0]
+        from distill_ray.models import model_folder
+
+        base = AutoModelForCausalLM.from_pretrained(model_folder(base_folder), dtype=torch.float32,
+                                                    local_files_only=True)
         _cpu_copy = (key, get_peft_model(base, lora_config(lora, base_folder)).eval())
     return _cpu_copy[1]
 

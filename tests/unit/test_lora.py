@@ -112,3 +112,38 @@ def test_a_target_module_matching_no_layer_names_the_key(init):
         lora.check(str(init), {**SETTINGS.model_dump(), "target_modules": ["mlp"]}, "tiny")  # a block, not a layer
     lora.check(str(init), Lora(), "tiny")  # the default targets (Llama's names) all match
     lora.check(str(init), {**SETTINGS.model_dump(), "target_modules": ["self_attn.q_proj"]}, "tiny")
+
+
+def test_vllm_serves_the_adapter_at_the_next_rank_it_knows():
+    from distill_ray.engine.vllm import lora_kwargs
+
+    assert lora_kwargs(4) == {"enable_lora": True, "max_lora_rank": 8, "max_loras": 1}
+    assert lora_kwargs(16)["max_lora_rank"] == 16 and lora_kwargs(300)["max_lora_rank"] == 320
+    with pytest.raises(ValueError, match="rank 600 is above 512.*students\\[\\]\\.lora\\.rank"):
+        lora_kwargs(600)
+
+
+def test_serving_the_adapter_checks_the_student_and_its_files(init, tmp_path, monkeypatch):
+    """serve.student_adapter: refused before anything deploys when the student has no adapter to serve."""
+    import shutil
+
+    from distill_ray.config import load_config
+    from distill_ray.serve.step import ServeRefused, app_args
+
+    monkeypatch.setenv("DISTILL_SERVE_TOKEN", "t")
+    monkeypatch.setenv("DISTILL_ADMIN_TOKEN", "a")
+    folder = tmp_path / "students" / "tiny"
+    config = load_config(None, [f"workdir={tmp_path}", "serve.student_adapter=true", "serve.min_confidence=-0.5",
+                                "students=[{name: tiny, base_model: unused, lora: {rank: 4}}, {name: full, base_model: unused}]"])
+    with pytest.raises(ServeRefused, match=r"tiny/best/adapter/adapter_config\.json does not exist"):
+        app_args(config, "tiny", str(folder / "best"))
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(init), SETTINGS, "tiny")
+    lora.export(model.state_dict(), str(init), SETTINGS, str(folder / "best"), str(folder / "best" / "adapter"))
+    with pytest.raises(ServeRefused, match=r"tiny/init/config\.json does not exist"):
+        app_args(config, "tiny", str(folder / "best"))
+    shutil.copytree(init, folder / "init")
+    assert app_args(config, "tiny", str(folder / "best"))["student_name"] == "tiny"
+    with pytest.raises(ServeRefused, match="student 'full' has no `lora:`"):
+        app_args(config, "full", str(tmp_path / "students" / "full" / "best"))
+    with pytest.raises(ServeRefused, match="is on S3"):
+        app_args(config, "tiny", "s3://bucket/run/students/tiny/best")

@@ -49,12 +49,14 @@ def prepare(workdir: str, prompts: int) -> list[str]:
     return [o for o in overrides if not o.startswith("teachers.0.base_url")] + ["teachers.0.base_url=http://127.0.0.1:9/v1"]
 
 
-def ours(overrides: list[str], steps: int, keep_every: int) -> dict:
+def ours(overrides: list[str], steps: int, keep_every: int, setup: dict) -> dict:
     from distill_ray.train.step import run_train
 
     config = load_config(str(EXAMPLE), [*overrides, f"train.max_steps={steps}", f"train.eval_every_steps={steps}",
-                                        "train.eval_sample_size=8", "train.deepspeed.zero_stage=2",
-                                        "train.num_workers=2", "train.early_stopping_patience=0",
+                                        "train.eval_sample_size=8", f"train.deepspeed.zero_stage={setup['zero']}",
+                                        f"train.num_workers={setup['workers']}",
+                                        f"train.cpus_per_worker={setup['cpus']}", f"train.packing={setup['packing']}",
+                                        "train.early_stopping_patience=0",
                                         f"students=[{{name: bench, base_model: smollm2, layer_drop: {{keep_every: {keep_every}}}}}]"])
     start = time.perf_counter()
     run_train(config, echo=lambda line: None)
@@ -105,19 +107,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--keep-every", type=int, default=3, help="layer drop of the student (3: the example's tiny)")
     parser.add_argument("--prompts", type=int, default=300)
+    parser.add_argument("--zero", type=int, default=2, help="ZeRO stage of ours")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers of ours")
+    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs (torch threads) per worker")
+    parser.add_argument("--packing", action="store_true", help="ours with padding-free batches (train.packing)")
     parser.add_argument("--full-logits", action="store_true",
                         help="also time the bare loop with full logits (what a plain Hugging Face loop computes)")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         overrides = prepare(f"{tmp}/run", args.prompts)
-        mine = ours(overrides, args.steps, args.keep_every)
+        setup = {"zero": args.zero, "workers": args.workers, "cpus": args.cpus_per_worker,
+                 "packing": str(args.packing).lower()}
+        mine = ours(overrides, args.steps, args.keep_every, setup)
         base = bare(mine["config"], args.steps)
         full = bare(mine["config"], args.steps, window=False) if args.full_logits else None
     ratio = mine["tokens_per_s"] / base["tokens_per_s"]
     print(f"train throughput, {args.steps} steps of global batch {mine['config'].train.batch_size}, SmolLM2 keep every "
           f"{args.keep_every} layers, {os.cpu_count()} cores")
-    print(f"  distill-ray train (Ray Train, 2 workers x 1 CPU, DeepSpeed ZeRO-2): {mine['tokens_per_s']:.1f} tokens/s "
+    print(f"  distill-ray train (Ray Train, {args.workers} workers x {args.cpus_per_worker:g} CPU, DeepSpeed "
+          f"ZeRO-{args.zero}{', packing' if args.packing else ''}): {mine['tokens_per_s']:.1f} tokens/s "
           f"(whole step {mine['wall_s']:.0f}s with model prep, start-up and one eval)")
     print(f"  bare PyTorch loop (1 process, {os.cpu_count()} threads, AdamW, same loss): {base['tokens_per_s']:.1f} tokens/s")
     if full:

@@ -68,6 +68,7 @@ def run(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
     if cfg["use_gpu"]:
         torch.cuda.set_device(device)
     zero3 = cfg["zero_stage"] == 3
+    deepspeed.init_distributed(verbose=False)  # DeepSpeed's view of the process group (before zero.Init)
     model, tokenizer, sizes = _load_student(cfg, zero3)
     if cfg.get("lora"):
         from distill_ray.train import lora

@@ -216,7 +216,8 @@ def _evaluate_and_checkpoint(cfg, engine, tokenizer, workdir, out, state, train_
     export = tempfile.mkdtemp(prefix="distill-ray-export-") if rank == 0 else None
     try:
         if rank == 0:
-            _write_export(engine, weights, tokenizer, cfg, export)
+            with _zero3_off():  # rank 0 alone builds plain models here (a LoRA host copy): no zero.Init
+                _write_export(engine, weights, tokenizer, cfg, export)
             del weights
             with _eval_model(engine, cfg, export, device) as model:
                 holdout_loss = _holdout_loss(model, tokenizer, cfg["holdout_tokens"], cfg["micro_batch"] * 2)
@@ -300,17 +301,10 @@ def _write_export(engine, weights: dict[str, torch.Tensor], tokenizer, cfg: dict
     if cfg.get("lora"):
         from distill_ray.train import lora
 
-        lora.export(weights, _local_init(cfg), cfg["lora"], folder, os.path.join(folder, "adapter"))
+        lora.export(weights, cfg["init_uri"], cfg["lora"], folder, os.path.join(folder, "adapter"))
     else:
         engine.module.save_pretrained(folder, state_dict=weights)
     tokenizer.save_pretrained(folder)
-
-
-def _local_init(cfg: dict[str, Any]) -> str:
-    """A local folder of the student's starting weights (an S3 init is downloaded once to the cache)."""
-    from distill_ray.models import model_folder
-
-    return str(model_folder(cfg["init_uri"]))
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -30,8 +29,8 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def rows_of_the_example(tokenizer, instructions: str, limit: int, max_seq_len: int) -> list[dict]:
-    from distill_ray.train.data import student_messages, tokenize
     from distill_ray.config.schema import Task
+    from distill_ray.train.data import student_messages, tokenize
 
     task = Task(instructions=instructions, metric="normalized_match")
     out = []

@@ -28,6 +28,7 @@ from distill_ray.train.standalone import write_bundle
 from tests.conftest import ROOT
 from tests.integration.test_offline_teacher import tiny_tokenizer
 
+LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 NO_RAY = "raise ImportError('ray is blocked here: the training loop must run without it')\n"
 
 
@@ -57,7 +58,8 @@ def _rows(tokenizer, n: int = 48) -> list[dict]:
 
 
 def _bundle(folder: Path, init: Path, rows: list[dict], *, stage: int = 2, micro: int = 4, accumulate: int = 1,
-            world: int = 1, steps: int = 6, checkpointing: bool = False, packing: bool = False) -> Path:
+            world: int = 1, steps: int = 6, checkpointing: bool = False, packing: bool = False,
+            lora: dict | None = None) -> Path:
     train = Train(deepspeed=DeepSpeed(zero_stage=stage), learning_rate=3e-3, num_workers=world,
                   gradient_accumulation_steps=accumulate)
     cfg = {"name": "t", "seed": 0, "use_gpu": False, "init_uri": str(init), "workdir": str(folder / "work"),
@@ -68,7 +70,7 @@ def _bundle(folder: Path, init: Path, rows: list[dict], *, stage: int = 2, micro
            "holdout_tokens": rows[:8], "eval_prompts": [], "metric": {"name": "normalized_match"},
            "metric_name": "normalized_match", "max_new_tokens": 8, "global_batch": micro * accumulate * world,
            "gradient_accumulation_steps": accumulate, "gradient_checkpointing": checkpointing, "packing": packing,
-           "lora": None}
+           "lora": lora}
     write_bundle(str(folder), cfg, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     return folder
 
@@ -95,22 +97,23 @@ def _weights(bundle: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def single_rank_runs(tmp_path_factory):
-    """One process, ZeRO-2, 6 steps of 4 rows: plain, 2 x 2 accumulated, checkpointing, packing."""
+    """One process, ZeRO-2, 6 steps of 4 rows: plain, 2 x 2 accumulated, checkpointing, packing; and a LoRA
+    student."""
     tmp = tmp_path_factory.mktemp("loop")
     tokenizer = _student(tmp / "init")
     rows = _rows(tokenizer)
     variants = {"plain": {}, "accumulated": {"micro": 2, "accumulate": 2}, "checkpointing": {"checkpointing": True},
-                "packed": {"packing": True}}
+                "packed": {"packing": True}, "lora": {"lora": LORA}}
     bundles = {name: _bundle(tmp / name, tmp / "init", rows, **kw) for name, kw in variants.items()}
     script = ("import sys\nfrom distill_ray.train.standalone import run_bundle\n"
               "for b in sys.argv[1:]:\n    run_bundle(b)\n")
     _without_ray(tmp, ["-c", script, *map(str, bundles.values())])
-    return {name: (_history(b), _weights(b)) for name, b in bundles.items()}, tmp / "init"
+    return {name: (_history(b), _weights(b)) for name, b in bundles.items()}, tmp / "init", bundles
 
 
 @pytest.mark.parametrize("variant", ["accumulated", "checkpointing", "packed"])
 def test_same_loss_curve_as_the_plain_run(single_rank_runs, variant):
-    runs, init = single_rank_runs
+    runs, init, _ = single_rank_runs
     (plain, plain_weights), (other, other_weights) = runs["plain"], runs[variant]
     assert [r["step"] for r in other] == [r["step"] for r in plain] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(plain, other, strict=True):
@@ -153,3 +156,36 @@ def test_the_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert "SmolLM2-135M architecture" in lines[0] and "ZeRO-3 with zero.Init" in lines[0] and "no Ray" in lines[0]
     tokens_per_s = float(lines[1].split("gpu_check: ")[1].split(" tokens/s")[0])
     assert tokens_per_s > 0 and "export written: True" in lines[2]
+
+
+def _assert_lora_exports(bundle: Path, init: Path) -> None:
+    """The merged export equals the base with the adapter applied (PEFT), and only adapted layers moved."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    last = bundle / "work" / "students" / "t" / "last"
+    merged = AutoModelForCausalLM.from_pretrained(last).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(init), last / "adapter").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+    start, weights = load_file(init / "model.safetensors"), _weights(bundle)
+    moved = {n for n in weights if not torch.equal(weights[n], start[n])}
+    assert moved and all(any(f".{t}." in n for t in LORA["target_modules"]) for n in moved), moved
+
+
+def test_a_lora_student_trains_its_adapters_and_exports_them_merged_and_alone(single_rank_runs):
+    runs, init, bundles = single_rank_runs
+    history, _ = runs["lora"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    _assert_lora_exports(bundles["lora"], init)
+
+
+def test_lora_under_zero3_on_two_ranks(tmp_path):
+    tokenizer = _student(tmp_path / "init")
+    bundle = _bundle(tmp_path / "z3", tmp_path / "init", _rows(tokenizer), stage=3, micro=2, world=2, steps=4,
+                     lora=LORA)
+    _without_ray(tmp_path, ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "-m", "distill_ray.train.standalone", str(bundle)])
+    assert [r["step"] for r in _history(bundle)] == [2, 4]
+    _assert_lora_exports(bundle, tmp_path / "init")

@@ -260,3 +260,26 @@ def test_zero3_checkpoints_and_exports_go_to_an_s3_workdir(filtered, student_fol
     assert model.config.num_hidden_layers == 3
     assert history[-1]["model_elements_on_rank"] <= history[-1]["model_elements"] / 2 + 64  # each rank its half
     assert history[-1]["holdout_loss"] < 6.0 and history[-1]["train_loss"] is not None
+
+
+def test_a_bundle_trains_the_student_without_ray(filtered, student_folder, tmp_path, capsys):
+    """`distill-ray train --bundle DIR` writes the loop's settings and rows, starting no worker; the loop then
+    runs from them in a process where `import ray` fails, and exports where `distill-ray train` would."""
+    from tests.unit.test_train_loop import _without_ray
+
+    path = _config(tmp_path, filtered, student_folder, max_steps=2, eval_every_steps=2)
+    before = _train_workers()
+    assert main(["train", str(path), "--bundle", str(tmp_path / "bundle")]) == 0
+    assert "python -m distill_ray.train.standalone" in capsys.readouterr().out
+    assert _train_workers() == before
+    bundle = tmp_path / "bundle" / "mini"
+    loop = json.loads((bundle / "loop.json").read_text())
+    rows = (bundle / "train.jsonl").read_text().splitlines()
+    assert loop["total_steps"] == 2 and len(rows) >= loop["global_batch"] and json.loads(rows[0])["labels"]
+    # One process for the 2 workers the config plans: the same global batch as one rank.
+    loop.update({"micro_batch": loop["global_batch"], "deepspeed": {**loop["deepspeed"],
+                 "train_micro_batch_size_per_gpu": loop["global_batch"]}})
+    (bundle / "loop.json").write_text(json.dumps(loop))
+    _without_ray(tmp_path, ["-m", "distill_ray.train.standalone", str(bundle)])
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [2]
+    assert (tmp_path / "run" / "students" / "mini" / "best" / "model.safetensors").exists()

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Here (with .venv set up): what tests/gpu/gpu_check.sh needs on a GPU machine that has torch and
-# transformers but no Ray, DeepSpeed or pydantic, and no network. Writes .gpu/ (git-ignored, ~10 MB):
+# transformers but no Ray, DeepSpeed or pydantic, and no network. Writes .gpu/ (in .gitignore; about 10 MB with the wheels):
 #   .gpu/smollm2/   SmolLM2-135M-Instruct's config.json and tokenizer (its weights do not travel; see gpu_check.py)
 #   .gpu/wheels/    DeepSpeed built as a wheel here, and its pure-Python needs the GPU image lacks
 # Then, on the GPU machine: tests/gpu/gpu_check.sh   (carry .gpu)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qxF "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 mkdir -p .gpu/smollm2 .gpu/wheels
 src=$(HF_HUB_OFFLINE=1 .venv/bin/python -c "from distill_ray.models import model_folder; print(model_folder('smollm2'))")
 cp "$src"/config.json "$src"/tokenizer.json "$src"/tokenizer_config.json .gpu/smollm2/

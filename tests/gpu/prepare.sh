@@ -11,11 +11,12 @@ src=$(HF_HUB_OFFLINE=1 .venv/bin/python -c "from distill_ray.models import model
 cp "$src"/config.json "$src"/tokenizer.json "$src"/tokenizer_config.json .gpu/smollm2/
 cp "$src"/chat_template.jinja .gpu/smollm2/ 2>/dev/null || true
 if [ "${1:-}" != "--no-wheels" ]; then
-  ds=$(.venv/bin/python -c "import deepspeed; print(deepspeed.__version__)")
+  ds=$(.venv/bin/python -c "from importlib.metadata import version; print(version('deepspeed'))")
   pd=$(.venv/bin/python -c "import pydantic; print(pydantic.VERSION)")
   pc=$(.venv/bin/python -c "import pydantic_core; print(pydantic_core.__version__)")
   # DeepSpeed is published as a source archive: build the wheel here (pure Python; its ops build on use).
-  DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps -w .gpu/wheels "deepspeed==$ds"
+  # --no-build-isolation: its setup.py imports torch (an isolated build would fetch a CUDA torch)
+  DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .gpu/wheels "deepspeed==$ds"
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/wheels \
     hjson "pydantic==$pd" "pydantic_core==$pc" annotated-types typing-inspection

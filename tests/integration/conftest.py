@@ -21,6 +21,13 @@ os.environ.setdefault("DISTILL_TEST_TEACHER_KEY", "sk-test-" + secrets.token_hex
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Workers push their metrics to the node's Prometheus endpoint every 10 s by default: 1 s in tests.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Ray keeps at most num_cpus (here 2) idle worker processes and kills the rest after 1 s, so on this
+# machine every Ray Data operator after the first (a hash shuffle's aggregators, the next map) waits for
+# new Python workers to start and import pyarrow: 40 prompts took 19 s to dedupe, 0.4 s with workers
+# kept warm. Every Ray these tests start (ray_local, and the drivers and heads they start in
+# subprocesses) inherits these.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 
 
 def _free_port() -> int:

@@ -28,10 +28,15 @@ KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
 N_PROMPTS = 40
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prompt_set(tmp_path_factory):
-    """A prompt set of N_PROMPTS distinct messages, built once and copied into each test's workdir."""
-    root = tmp_path_factory.mktemp("prompt-set")
+    """A prompt set of N_PROMPTS distinct messages, built once per session and copied into each test's
+    workdir. Every module that imports this fixture gets its own copy of it from pytest, so the set is
+    built in one place under the session's temp folder and found there by the others."""
+    root = tmp_path_factory.getbasetemp() / "prompt-set"
+    if (root / "run" / "prompts" / "manifest.json").exists():
+        return root / "run"
+    root.mkdir(exist_ok=True)
     log = root / "log.jsonl"
     lines = [json.dumps({"text": f"Hi team, order ORD-{100000 + i} ({['blue', 'red', 'green'][i % 3]} {i} units) "
                                  f"has not arrived after {i + 3} days", "category": ["shipping", "refund"][i % 2]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import boto3
@@ -30,13 +31,21 @@ def _config(log, workdir, *extra):
                               "prompts.reference_field=order_id", *extra])
 
 
-def test_prompt_set_is_deduplicated_representative_and_leak_free(example_log, tmp_path, capsys):
-    config = _config(example_log, tmp_path / "run")
-    manifest = run_prompts(config)
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def example_run(example_log, tmp_path_factory):
+    """The example log's prompt set with the default settings, built once for the module:
+    (its workdir, its manifest, what the step printed). Tests that change it work on a copy."""
+    workdir = tmp_path_factory.mktemp("example") / "run"
+    printed: list[str] = []
+    manifest = run_prompts(_config(example_log, workdir), echo=printed.append)
+    return workdir, manifest, "\n".join(printed)
+
+
+def test_prompt_set_is_deduplicated_representative_and_leak_free(example_log, example_run):
+    workdir, manifest, out = example_run
     assert "train" in out and "holdout" in out and "bad row" in out
 
-    work = Workdir(str(tmp_path / "run"))
+    work = Workdir(str(workdir))
     report = work.read_json("prompts", "report.json")
     train, holdout = work.read_table("prompts", "train").to_pylist(), work.read_table("prompts", "holdout").to_pylist()
     assert len(train) + len(holdout) == 400 == manifest["counts"]["train"] + manifest["counts"]["holdout"]
@@ -80,10 +89,10 @@ def test_prompt_set_is_deduplicated_representative_and_leak_free(example_log, tm
     assert manifest["status"] == "complete" and manifest["inputs"][str(example_log)].startswith("sha256:")
 
 
-def test_rerun_with_same_inputs_does_nothing_and_changes_rerun(example_log, tmp_path, capsys):
+def test_rerun_with_same_inputs_does_nothing_and_changes_rerun(example_log, example_run, tmp_path, capsys):
+    built, first, _ = example_run
+    shutil.copytree(built, tmp_path / "run")  # a finished run, moved: its manifest still stands for it
     config = _config(example_log, tmp_path / "run")
-    first = run_prompts(config)
-    capsys.readouterr()
     again = run_prompts(config)
     assert "up to date" in capsys.readouterr().out
     assert again["finished_at"] == first["finished_at"]
@@ -92,13 +101,13 @@ def test_rerun_with_same_inputs_does_nothing_and_changes_rerun(example_log, tmp_
     assert changed["counts"]["train"] + changed["counts"]["holdout"] == 300
 
 
-def test_s3_workdir_and_source_give_the_same_ids_as_local(example_log, tmp_path, s3_bucket):
+def test_s3_workdir_and_source_give_the_same_ids_as_local(example_log, example_run, s3_bucket):
     boto3.client("s3").upload_file(str(example_log), s3_bucket, "logs/support.jsonl")
-    local = run_prompts(_config(example_log, tmp_path / "run"))
+    built, local, _ = example_run
     remote = run_prompts(_config(f"s3://{s3_bucket}/logs/support.jsonl", f"s3://{s3_bucket}/runs/x"))
     assert local["counts"] == remote["counts"]
     ids = {}
-    for name, root in (("local", str(tmp_path / "run")), ("s3", f"s3://{s3_bucket}/runs/x")):
+    for name, root in (("local", str(built)), ("s3", f"s3://{s3_bucket}/runs/x")):
         work = Workdir(root)
         ids[name] = {split: sorted(r["id"] for r in work.read_table("prompts", split).to_pylist())
                      for split in ("train", "holdout")}

@@ -84,6 +84,9 @@ def _check_llm_judge(path: Path, config: dict, capsys) -> None:
     with FakeTeacher(FakeTeacherConfig(answer_fn="tests.fakes.judge:lenient")) as judge:
         config["teachers"][0].update({"base_url": judge.base_url, "requests_per_minute": 600, "max_concurrency": 4})
         config["task"]["metric"] = "llm_judge"
+        # The student answers through transformers here: what is checked is the judge, whatever engine
+        # answered (vLLM was checked above); each vLLM start would add about 40 s, and there are two evals.
+        config["eval"]["engine"] = {"backend": "transformers"}
         config["eval"]["judge_max_tokens"] = 2
         path.write_text(json.dumps(config))
         capsys.readouterr()

@@ -382,7 +382,10 @@ class LayerDrop(Strict):
 
     keep_every: int | None = Field(None, ge=1, description="Keep every k-th decoder layer: 0, k, 2k, ...")
     keep_first: int | None = Field(None, ge=1, description="Keep the first n decoder layers.")
-    keep_last: bool = Field(True, description="Always keep the last decoder layer as well.")
+    keep_last: bool | Annotated[int, Field(ge=0)] = Field(
+        True, description="Also keep the last decoder layer (true), or the last n (an int, e.g. keep_first: 8, "
+        "keep_last: 7). The layers nearest the LM head turn the residual stream into predictions: a stack that ends "
+        "with one of them starts far worse and needs more steps to heal.")
 
     @model_validator(mode="after")
     def _one_rule(self) -> LayerDrop:
@@ -461,6 +464,10 @@ class Train(Strict):
         False, description="Add a KD term on the teacher's top logprobs where teacher and student tokens align "
         "(same tokenizer); plain SFT for rows that do not.")
     kd_weight: float = Field(0.5, ge=0, le=1, description="Share of the KD term in the loss (logit_distillation).")
+    lr_schedule: Literal["warmup_decay", "constant"] = Field(
+        "warmup_decay", description="warmup_decay: linear warm-up over the first tenth of the steps (at least 2), then "
+        "linear decay to 0; constant: learning_rate on every step (runs of a few dozen steps, where a decay leaves the "
+        "last steps little to learn with).")
     seed: int = 0
 
 

@@ -53,15 +53,22 @@ def deepspeed_config(train: Train, *, micro_batch: int, world_size: int, total_s
         "train_batch_size": micro_batch * accumulate * world_size,
         "optimizer": {"type": "AdamW", "params": {"lr": train.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
                                                   "weight_decay": 0.0, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": train.learning_rate,
-            "warmup_num_steps": max(1, total_steps // 10), "total_num_steps": max(2, total_steps)}},
         "gradient_clipping": 1.0,
         "bf16": {"enabled": bool(train.use_gpu)},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     })
+    if train.lr_schedule == "warmup_decay":
+        # DeepSpeed raises warmup_num_steps to at least 2, and its default log warm-up (like its linear one)
+        # gives warmup_min_lr to the first two optimizer steps: with a minimum of 0 they change nothing
+        # (a quarter of an 8-step run). A linear warm-up from lr / (warm-up + 1) makes every step count.
+        warmup = max(2, total_steps // 10)
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": train.learning_rate / (warmup + 1), "warmup_max_lr": train.learning_rate,
+            "warmup_num_steps": warmup, "warmup_type": "linear", "total_num_steps": max(warmup + 1, total_steps)}}
+    else:
+        config.pop("scheduler", None)  # no scheduler: the optimizer's learning_rate on every step
     if not train.use_gpu:
         for key in ("offload_optimizer", "offload_param"):
             if isinstance(zero.get(key), dict):

@@ -20,11 +20,11 @@ from distill_ray.train.data import ensure_chat_template
 
 
 def kept_layers(total: int, drop: LayerDrop) -> list[int]:
-    """Indices of the decoder layers kept: 0, k, 2k, ... (or 0 .. n - 1) and the last one when `keep_last`."""
+    """Indices of the decoder layers kept: 0, k, 2k, ... (or 0 .. n - 1), plus the last one (`keep_last: true`)
+    or the last n (`keep_last: n`)."""
     keep = list(range(min(drop.keep_first, total))) if drop.keep_first else list(range(0, total, drop.keep_every))
-    if drop.keep_last and keep[-1] != total - 1:
-        keep.append(total - 1)
-    return keep
+    last = int(drop.keep_last)  # True: 1, False: 0
+    return sorted(set(keep) | set(range(max(total - last, 0), total)))
 
 
 def drop_layers(model: PreTrainedModel, drop: LayerDrop) -> list[int]:

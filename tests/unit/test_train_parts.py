@@ -26,6 +26,8 @@ def test_kept_layers_like_distilbert():
     assert kept_layers(30, LayerDrop(keep_every=3, keep_last=False)) == list(range(0, 30, 3))
     assert kept_layers(4, LayerDrop(keep_every=2)) == [0, 2, 3] == kept_layers(4, LayerDrop())
     assert kept_layers(30, LayerDrop(keep_first=12)) == [*range(12), 29]  # depth pruning of a contiguous block
+    # The first 8 and the last 7 (the example's small student: the layers nearest the LM head kept).
+    assert kept_layers(30, LayerDrop(keep_first=8, keep_last=7)) == [*range(8), *range(23, 30)]
     with pytest.raises(ValueError, match="not both"):
         LayerDrop(keep_every=2, keep_first=3)
 
@@ -103,6 +105,23 @@ def test_kd_loss_is_lowest_when_the_student_matches_the_teacher():
     assert torch.isclose(ce_only, torch.nn.functional.cross_entropy(matching[:, :-1].reshape(-1, vocab),
                                                                    labels[:, 1:].reshape(-1), ignore_index=IGNORE))
     assert distill_loss(matching, labels, kd_ids, kd_lp, 1.0) < distill_loss(other, labels, kd_ids, kd_lp, 1.0)
+
+
+def test_every_step_learns_from_the_first_one():
+    """DeepSpeed gives the first two steps warmup_min_lr: it must not be 0 (a quarter of an 8-step run would
+    change nothing); `lr_schedule: constant` has no scheduler at all."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    params = deepspeed_config(Train(learning_rate=1e-3), micro_batch=4, world_size=2, total_steps=8)["scheduler"]["params"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = WarmupDecayLR(optimizer, **params)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert all(r > 0 for r in rates) and max(rates) == pytest.approx(1e-3), rates
+    assert "scheduler" not in deepspeed_config(Train(lr_schedule="constant"), micro_batch=4, world_size=2, total_steps=8)
 
 
 def test_deepspeed_configs_from_stage_or_preset(tmp_path):

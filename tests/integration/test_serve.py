@@ -527,7 +527,12 @@ def test_rollout_plan_advances_a_good_student_and_pulls_back_one_that_degrades(a
     """serve.rollout_plan [shadow, 5, 25, 100] drives itself from the live metrics: a good student
     reaches 100%; once it degrades (its replica killed: the test's fault switch) the plan steps back
     within the guardrail's window and holds, each decision with its figures in `serve --stats` and
-    serve/rollout.json. Last in the module: it leaves the student replica restarting."""
+    serve/rollout.json. Last in the module: it leaves the student replica restarting.
+
+    The redeploy restarts the student's replica (Serve gives every redeployed deployment a new
+    version), so the student here answers through the transformers engine, which starts in seconds
+    where vLLM takes about a minute on 2 cores: the plan judges the router's figures, whatever engine
+    answered (the vLLM student's own fallbacks are the tests above)."""
     import ray
     from ray.util.state import list_actors
 
@@ -539,6 +544,7 @@ def test_rollout_plan_advances_a_good_student_and_pulls_back_one_that_degrades(a
     raw["serve"].update({"rollout_plan": ["shadow", 5, 25, 100], "min_confidence": -1000.0, "guardrails": {
         "min_requests": window, "window_requests": window, "max_fallback_rate": 0.3, "max_error_rate": 0.1,
         "min_shadow_agreement": None, "max_p95_ms": None}})
+    raw["serve"]["engine"]["backend"] = "transformers"
     config = type(app["config"]).model_validate(raw)  # validated as a config file would be
     deploy(config, echo=lambda _: None)
     salt = config.name

@@ -63,7 +63,8 @@ def test_generate_starts_the_teacher_then_stops_it(prompt_set, tiny_folder, tmp_
     assert not group_members(pid)  # the server and its EngineCore process are gone
 
 
-@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+# vLLM's variant is a vLLM start of its own (29 s): slow; the launcher's kill handling is the same for both.
+@pytest.mark.parametrize("backend", [pytest.param("vllm", marks=pytest.mark.slow), "transformers"])
 def test_a_launched_teacher_does_not_outlive_a_killed_launcher(backend, tiny_folder, tmp_path):
     port = _free_port()
     path = _config(tmp_path, tmp_path / "run", tiny_folder, port, backend)

@@ -383,6 +383,7 @@ def test_vllm_wants_the_key_and_the_served_name(vllm_teacher):
     assert is_up(vllm_teacher)  # /health needs no key
 
 
+@pytest.mark.slow  # a vLLM start of its own (45 s); the CLI's transformers path and vLLM's server stay in the default suite
 def test_teacher_serve_cli_runs_vllm_and_stops_it_on_ctrl_c(vllm_folder):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

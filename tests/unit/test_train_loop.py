@@ -58,7 +58,7 @@ def _rows(tokenizer, n: int = 48) -> list[dict]:
 
 
 def _bundle(folder: Path, init: Path, rows: list[dict], *, stage: int = 2, micro: int = 4, accumulate: int = 1,
-            world: int = 1, steps: int = 6, checkpointing: bool = False, packing: bool = False,
+            world: int = 1, steps: int = 4, checkpointing: bool = False, packing: bool = False,
             lora: dict | None = None) -> Path:
     train = Train(deepspeed=DeepSpeed(zero_stage=stage), learning_rate=3e-3, num_workers=world,
                   gradient_accumulation_steps=accumulate)
@@ -97,7 +97,7 @@ def _weights(bundle: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def single_rank_runs(tmp_path_factory):
-    """One process, ZeRO-2, 6 steps of 4 rows: plain, 2 x 2 accumulated, checkpointing, packing; and a LoRA
+    """One process, ZeRO-2, 4 steps of 4 rows: plain, 2 x 2 accumulated, checkpointing, packing; and a LoRA
     student."""
     tmp = tmp_path_factory.mktemp("loop")
     tokenizer = _student(tmp / "init")
@@ -115,11 +115,11 @@ def single_rank_runs(tmp_path_factory):
 def test_same_loss_curve_as_the_plain_run(single_rank_runs, variant):
     runs, init, _ = single_rank_runs
     (plain, plain_weights), (other, other_weights) = runs["plain"], runs[variant]
-    assert [r["step"] for r in other] == [r["step"] for r in plain] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in other] == [r["step"] for r in plain] == [1, 2, 3, 4]
     for a, b in zip(plain, other, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-4, (variant, a, b)
         assert abs(a["holdout_loss"] - b["holdout_loss"]) <= 1e-4, (variant, a, b)
-    assert plain[-1]["train_loss"] < plain[0]["train_loss"] - 0.3  # it trained: the curves are not flat
+    assert plain[-1]["train_loss"] < plain[0]["train_loss"] - 0.1  # it trained: the curves are not flat
     start = load_file(init / "model.safetensors")
     for name, weight in plain_weights.items():
         assert torch.allclose(weight, other_weights[name], atol=1e-5), (variant, name)

@@ -36,7 +36,12 @@ def rows_of_the_example(tokenizer, instructions: str, limit: int, max_seq_len: i
     out = []
     with open(ROOT / "jobs" / "data" / "support_orders.jsonl", encoding="utf-8") as f:
         for line in f:
-            record = json.loads(line)
+            try:  # the log has malformed lines on purpose (the prompts step counts them): skip them
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
+                continue
             example = {"messages": student_messages(task, [{"role": "user", "content": record["text"]}]),
                        "completion": record.get("order_id") or "NONE"}
             out.append(tokenize(tokenizer, example, max_seq_len))

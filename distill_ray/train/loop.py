@@ -272,7 +272,7 @@ def _memory(cfg: dict[str, Any]) -> dict[str, Any]:
     the model this rank holds (ZeRO-3: its partition)."""
     import resource
 
-    out = {"host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    out = {"host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),  # KiB -> GB
            "model_elements": cfg["model_elements"], "model_elements_on_rank": cfg["model_elements_on_rank"]}
     if cfg["use_gpu"] and torch.cuda.is_available():
         out["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

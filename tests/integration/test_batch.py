@@ -42,6 +42,11 @@ def _state(workdir) -> dict:
     return Workdir(str(workdir)).read_json(*state_path("fake"))
 
 
+def _chunks(workdir) -> list[dict]:
+    """The state file's chunks, [] before it is written (the driver writes it whole, by rename)."""
+    return (_state(workdir) or {}).get("chunks", [])
+
+
 def _order_numbers_after_the_first(workdir, count: int) -> list[str]:
     """Order numbers of prompts that are not the first one asked (the live preflight request)."""
     train = Workdir(str(workdir)).read_table("prompts", "train").to_pylist()
@@ -105,7 +110,9 @@ def test_killed_while_polling_resumes_the_same_batch(prompt_set, tmp_path):  # n
         try:
             while True:
                 stats = teacher.stats()
-                if stats["batches_created"] == 1 and stats["batches"][0]["status"] == "in_progress":
+                # Polling: the provider runs the batch and the driver has recorded its id.
+                if stats["batches_created"] == 1 and stats["batches"][0]["status"] == "in_progress" \
+                        and [c.get("batch_id") for c in _chunks(workdir)] == [stats["batches"][0]["id"]]:
                     break
                 assert process.poll() is None and time.monotonic() < deadline, "generate ended before the kill"
                 time.sleep(0.05)

@@ -41,17 +41,26 @@ def save_tiny_student(folder: Path, heads: int = 4, kv_heads: int = 2) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def student_folder(tmp_path_factory) -> Path:
-    return save_tiny_student(tmp_path_factory.mktemp("tiny-student"))
+    """Built once per session under the session's temp folder (modules that import this fixture get their
+    own copy of it from pytest and find the folder there)."""
+    folder = tmp_path_factory.getbasetemp() / "tiny-student"
+    if (folder / "config.json").exists():
+        return folder
+    return save_tiny_student(folder)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def filtered(prompt_set, tmp_path_factory) -> Path:  # noqa: F811
-    """prompts -> generate (scripted teacher: the right order number) -> filter, once per module."""
+    """prompts -> generate (scripted teacher: the right order number) -> filter, once per session (found
+    under the session's temp folder like prompt_set); tests copy it into their own workdir."""
     import shutil
 
-    root = tmp_path_factory.mktemp("filtered") / "run"
+    root = tmp_path_factory.getbasetemp() / "filtered" / "run"
+    if (root / "filtered" / "manifest.json").exists():
+        return root
+    shutil.rmtree(root.parent, ignore_errors=True)
     shutil.copytree(prompt_set / "prompts", root / "prompts")
     with FakeTeacher(FakeTeacherConfig()) as teacher:
         config = load_config(None, [f"workdir={root}", f"teachers.0.base_url={teacher.base_url}",
@@ -126,43 +135,62 @@ def _train_workers() -> set[str]:
     return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
 
 
-def _train_killing_a_worker(path: Path, workdir: Path) -> tuple[int | None, float, set[str]]:
-    """Run `distill-ray train` in a thread; once its first checkpoint is in, SIGKILL one of its
-    training workers. Returns the exit code, when the kill happened, and the workers before the run."""
+def _registered_step(run: Path) -> int:
+    """The step of the newest checkpoint Ray Train has registered (the one a restart resumes from), 0 if none."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+        return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step", 0))
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return 0
+
+
+def _train_killing_a_worker(path: Path, workdir: Path, *args: str) -> tuple[int | None, float]:
+    """Run `distill-ray train` in a thread; as soon as Ray Train has registered a checkpoint newer than the
+    ones already there, SIGKILL one of its training workers. Returns the exit code and when the kill happened."""
     import os
     import signal
 
     before = _train_workers()
+    run = workdir / "students" / "mini" / "ray" / "run"
+    registered = _registered_step(run)
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", main(["train", str(path)])))
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(["train", str(path), *args])))
     thread.start()
     deadline = time.monotonic() + 240
-    checkpoints = workdir / "students" / "mini" / "ray" / "run"
-    while not list(checkpoints.glob("checkpoint_*/distill_ray_state.json")):
-        assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.1)
-    time.sleep(1.0)  # every rank's part uploaded and the checkpoint registered
+    while _registered_step(run) <= registered:
+        assert thread.is_alive() and time.monotonic() < deadline, "no new checkpoint before the run ended"
+        time.sleep(0.05)
     alive = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
              if a.actor_id not in before]
     assert alive, "no training worker to kill"
     os.kill(alive[0].pid, signal.SIGKILL)
     killed_time = time.time()
     thread.join(timeout=300)
-    return result.get("rc"), killed_time, before
+    return result.get("rc"), killed_time
 
 
-def test_a_worker_killed_after_the_first_checkpoint_restarts_from_it(filtered, student_folder, tmp_path):
-    path = _config(tmp_path, filtered, student_folder, epochs=30, max_steps=16, max_failures=2)
+def test_a_killed_worker_fails_a_run_without_restarts_and_is_restarted_in_one_with_them(filtered, student_folder,
+                                                                                       tmp_path):
+    """max_failures 0: a killed worker fails the run (exit 1, no export). `distill-ray train` again, now with
+    max_failures 2 (how a run copes with a crash: not a new run), resumes from the last checkpoint; a worker
+    killed again after its next checkpoint, Ray Train restarts the group from there and the run completes.
+    Every resume carries the evals from before the kill over. Each kill lands right after a checkpoint is
+    registered, 4 or 8 steps into a run of 24."""
+    path = _config(tmp_path, filtered, student_folder, epochs=30, max_steps=24, max_failures=0)
     workdir = tmp_path / "run"
-    rc, killed_time, before = _train_killing_a_worker(path, workdir)
+    before = _train_workers()
+    rc, first_kill = _train_killing_a_worker(path, workdir)
+    assert rc == 1  # the step failed
+    assert not (workdir / "students" / "mini" / "manifest.json").exists()
+    assert len(_train_workers() - before) == 2  # no restart
+    rc, second_kill = _train_killing_a_worker(path, workdir, "-o", "train.max_failures=2")
     assert rc == 0
+    assert len(_train_workers() - before) == 6  # the failed run's group, the rerun's, its restart
     history = _metrics(workdir)
-    assert history[-1]["step"] == 16
-    assert len(_train_workers() - before) >= 4  # the group was started again after the kill
     steps = [r["step"] for r in history]
-    assert steps == sorted(set(steps)) and steps[0] == 4
-    # Resumed, not restarted: the evals from before the kill were carried over from the checkpoint.
-    assert history[0]["unix_time"] < killed_time < history[-1]["unix_time"]
+    assert steps == list(range(4, 25, 4))  # resumed, not restarted: every eval once, from the first
+    assert history[0]["unix_time"] < first_kill < second_kill < history[-1]["unix_time"]
+    assert (workdir / "students" / "mini" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -222,19 +250,6 @@ def test_logit_distillation_from_a_teacher_with_the_students_tokenizer(prompt_se
              and not any(t == "" or "\ufffd" in t for t in r["tokens"])]
     assert total > 0 and with_targets == len(clean) > 0
     assert _metrics(tmp_path / "run")[-1]["step"] == 4
-
-
-def test_a_crashed_train_resumes_when_run_again(filtered, student_folder, tmp_path):
-    """No restarts allowed: a killed worker fails the run (exit 1); `distill-ray train` again resumes
-    from the last checkpoint instead of starting over."""
-    path = _config(tmp_path, filtered, student_folder, epochs=30, max_steps=12, max_failures=0)
-    workdir = tmp_path / "run"
-    rc, killed_time, _ = _train_killing_a_worker(path, workdir)
-    assert rc == 1  # the step failed
-    assert not (workdir / "students" / "mini" / "manifest.json").exists()
-    assert main(["train", str(path)]) == 0
-    history = _metrics(workdir)
-    assert history[-1]["step"] == 12 and history[0]["unix_time"] < killed_time < history[-1]["unix_time"]
 
 
 def test_zero3_checkpoints_and_exports_go_to_an_s3_workdir(filtered, student_folder, tmp_path, s3_bucket):

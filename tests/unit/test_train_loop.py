@@ -126,20 +126,37 @@ def test_same_loss_curve_as_the_plain_run(single_rank_runs, variant):
     assert any(not torch.equal(w, start[n]) for n, w in plain_weights.items() if n in start)
 
 
-def test_zero3_zero_init_on_two_ranks_exports_the_trained_weights(tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """ZeRO-3 on 2 ranks (torchrun), 4 steps of 2 rows per rank: a full student, then a LoRA one, in one
+    launch (each rank runs the two bundles in turn)."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    tokenizer = _student(tmp / "init")
+    rows = _rows(tokenizer)
+    bundles = {name: _bundle(tmp / name, tmp / "init", rows, stage=3, micro=2, world=2, steps=4, lora=lora)
+               for name, lora in (("full", None), ("lora", LORA))}
+    script = tmp / "two_bundles.py"
+    script.write_text("import json, os, sys\nfrom distill_ray.train.standalone import run_bundle\n"
+                      "for b in sys.argv[1:]:\n    state = run_bundle(b)\n"
+                      "    if os.environ['RANK'] == '0':\n"
+                      "        print(json.dumps({'steps': state['step'], **state['history'][-1]}), flush=True)\n")
+    out = _without_ray(tmp, ["-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                             *map(str, bundles.values())])
+    summaries = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return dict(zip(bundles, summaries, strict=True)), tmp / "init", bundles
+
+
+def test_zero3_zero_init_on_two_ranks_exports_the_trained_weights(two_rank_runs):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tokenizer = _student(tmp_path / "init")
-    bundle = _bundle(tmp_path / "z3", tmp_path / "init", _rows(tokenizer), stage=3, micro=2, world=2, steps=4)
-    out = _without_ray(tmp_path, ["-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                  "-m", "distill_ray.train.standalone", str(bundle)])
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summaries, init, bundles = two_rank_runs
+    summary, bundle = summaries["full"], bundles["full"]
     assert summary["steps"] == 4 and [r["step"] for r in _history(bundle)] == [2, 4]
     # zero.Init: each rank built only its half of the weights (never the whole model).
     assert summary["model_elements_on_rank"] <= summary["model_elements"] / 2 + 64
     exported = _weights(bundle)
     rebuilt = get_fp32_state_dict_from_zero_checkpoint(str(bundle / "checkpoints" / "latest"), tag="ds")
-    start = load_file(tmp_path / "init" / "model.safetensors")
+    start = load_file(init / "model.safetensors")
     assert set(exported) <= set(rebuilt) and len(exported) == len(start)
     for name, weight in exported.items():
         assert torch.equal(weight, rebuilt[name].to(weight.dtype)), name
@@ -181,11 +198,7 @@ def test_a_lora_student_trains_its_adapters_and_exports_them_merged_and_alone(si
     _assert_lora_exports(bundles["lora"], init)
 
 
-def test_lora_under_zero3_on_two_ranks(tmp_path):
-    tokenizer = _student(tmp_path / "init")
-    bundle = _bundle(tmp_path / "z3", tmp_path / "init", _rows(tokenizer), stage=3, micro=2, world=2, steps=4,
-                     lora=LORA)
-    _without_ray(tmp_path, ["-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "-m", "distill_ray.train.standalone", str(bundle)])
-    assert [r["step"] for r in _history(bundle)] == [2, 4]
-    _assert_lora_exports(bundle, tmp_path / "init")
+def test_lora_under_zero3_on_two_ranks(two_rank_runs):
+    summaries, init, bundles = two_rank_runs
+    assert summaries["lora"]["steps"] == 4 and [r["step"] for r in _history(bundles["lora"])] == [2, 4]
+    _assert_lora_exports(bundles["lora"], init)

@@ -52,6 +52,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     """Ray Train's entry: the loop on this worker, with Ray Train's runtime."""
     from distill_ray.train.runtime import RayTrainRuntime
 
+    if not cfg["use_gpu"]:
+        # The worker's share of the node: Ray sets OMP_NUM_THREADS to it, but a worker process that imported
+        # torch before keeps torch's default (every core), and 2 workers x 2 threads on 2 cores halve each other.
+        torch.set_num_threads(cfg.get("cpu_threads", 1))
     run(cfg, RayTrainRuntime())
 
 

@@ -187,7 +187,8 @@ def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, ini
     total = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
     ds = deepspeed_config(t, micro_batch=micro, world_size=world, total_steps=total, accumulate=accumulate)
     return {
-        "name": student.name, "seed": t.seed, "use_gpu": t.use_gpu, "init_uri": init_uri, "workdir": workdir.uri,
+        "name": student.name, "seed": t.seed, "use_gpu": t.use_gpu, "cpu_threads": max(1, int(t.cpus_per_worker)),
+        "init_uri": init_uri, "workdir": workdir.uri,
         "out_parts": ["students", student.name], "deepspeed": ds, "zero_stage": ds["zero_optimization"]["stage"],
         "micro_batch": micro, "total_steps": total, "eval_every_steps": min(t.eval_every_steps, total),
         "early_stopping_patience": t.early_stopping_patience, "kd_weight": t.kd_weight, "holdout_tokens": data["holdout"],

@@ -1,10 +1,11 @@
-"""`distill-ray eval` on a real local Ray: a barely trained student against the scripted teacher,
+"""`distill-ray eval` on a real local Ray: an untrained student against the scripted teacher,
 answering through vLLM (its CPU build) in a Ray Data actor pool, its speed timed on that engine."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from distill_ray.cli import main
 from distill_ray.config.schema import Bar
 from distill_ray.eval.scoring import Scored, quality
+from distill_ray.manifest import StepRecord, write_manifest
+from distill_ray.storage import Workdir
 from tests.integration.test_generate import prompt_set  # noqa: F401 - fixture
 from tests.integration.test_train import _config, filtered, save_tiny_student  # noqa: F401 - fixtures
 
@@ -25,8 +28,15 @@ def vllm_student(tmp_path_factory) -> Path:
     return save_tiny_student(tmp_path_factory.mktemp("tiny-vllm-student"), heads=2, kv_heads=1)
 
 
-def test_a_student_stopped_after_one_step_fails_the_gate(filtered, vllm_student, tmp_path, capsys):  # noqa: F811
-    path = _config(tmp_path, filtered, vllm_student, max_steps=1, eval_every_steps=1)
+def _finished_student(workdir: Path, model: Path) -> None:
+    """An untrained student where `distill-ray train` leaves a finished one (eval reads the best export and
+    the step's manifest; training itself is test_train's)."""
+    shutil.copytree(model, workdir / "students" / "mini" / "best")
+    write_manifest(Workdir(str(workdir)), StepRecord("students/mini", {}, {}))
+
+
+def test_an_untrained_student_fails_the_gate(filtered, vllm_student, tmp_path, capsys):  # noqa: F811
+    path = _config(tmp_path, filtered, vllm_student)
     config = json.loads(path.read_text())
     # One worker: one engine start per eval (about 40 s on this CPU), the speed timed on it too.
     config["eval"] = {"batch_size": 4, "latency_samples": 4, "num_workers": 1}
@@ -34,8 +44,7 @@ def test_a_student_stopped_after_one_step_fails_the_gate(filtered, vllm_student,
                              "max_p95_latency_ms": 60000, "max_cost_per_1k_requests_usd": 1.0,
                              "min_slice_holdout_rows": 1}
     path.write_text(json.dumps(config))
-    assert main(["train", str(path)]) == 0
-    capsys.readouterr()
+    _finished_student(Path(config["workdir"]), vllm_student)
     assert main(["eval", str(path)]) == 1
     captured = capsys.readouterr()
     err = captured.err

@@ -198,6 +198,7 @@ def _billed(teacher: FakeTeacher) -> dict[str, int]:
     return dict(teacher.stats()["billed_per_prompt"])
 
 
+@pytest.mark.slow  # a whole pipeline, then a round that trains and evaluates again (about 100 s here)
 @pytest.mark.usefixtures("ray_local")
 def test_redistill_asks_only_for_unanswered_prompts_and_the_new_student_wins_the_shifted_traffic(tmp_path, capsys,
                                                                                                 monkeypatch):

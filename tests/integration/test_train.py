@@ -169,6 +169,7 @@ def _train_killing_a_worker(path: Path, workdir: Path, *args: str) -> tuple[int 
     return result.get("rc"), killed_time
 
 
+@pytest.mark.slow  # three worker groups start (about 100 s here)
 def test_a_killed_worker_fails_a_run_without_restarts_and_is_restarted_in_one_with_them(filtered, student_folder,
                                                                                        tmp_path):
     """max_failures 0: a killed worker fails the run (exit 1, no export). `distill-ray train` again, now with

@@ -1,0 +1,85 @@
+"""Step 4: the filters a teacher answer must pass to become training data (one model per `kind`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from distill_ray.config.base import Strict
+
+
+class MinMeanLogprobFilter(Strict):
+    kind: Literal["min_mean_logprob"]
+    threshold: float = Field(le=0, description="Drop answers whose mean token logprob is below this.")
+
+
+class RegexFilter(Strict):
+    kind: Literal["regex"]
+    pattern: str = Field(description="Python regular expression the completion must match (re.search).")
+    invert: bool = Field(False, description="Drop answers that DO match instead.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+class JsonSchemaFilter(Strict):
+    kind: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema", description="JSON Schema the completion must satisfy.")
+
+
+class ReferenceMatchFilter(Strict):
+    kind: Literal["reference_match"]
+    metric: Literal["exact_match", "normalized_match", "json_match", "token_f1"] = "normalized_match"
+    min_score: float = Field(1.0, ge=0, le=1)
+
+
+class GroundedFilter(Strict):
+    """For extraction tasks: what the answer quotes must appear in the prompt (a teacher that copies
+    a value from its few-shot examples, or invents one, is dropped)."""
+
+    kind: Literal["grounded"]
+    pattern: str | None = Field(
+        None, description="Regular expression for the spans of the answer that must appear in the prompt's user "
+                          "turns (default: the whole answer).")
+    allow: list[str] = Field(default_factory=list, description="Answers exempt from the check, e.g. [NONE].")
+    ignore_case: bool = Field(True, description="Compare case-insensitively.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+class AgreementFilter(Strict):
+    kind: Literal["agreement"]
+    min_agreement: float = Field(
+        1.0, gt=0, le=1, description="Share of teachers (or samples) that must give the same normalised answer."
+    )
+
+
+class PythonFilter(Strict):
+    kind: Literal["python"]
+    function: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'module:function' taking a teacher row (dict) and returning None to keep it or a reason.",
+    )
+
+
+Filter = Annotated[
+    MinMeanLogprobFilter | RegexFilter | JsonSchemaFilter | ReferenceMatchFilter | GroundedFilter | AgreementFilter
+    | PythonFilter,
+    Field(discriminator="kind"),
+]

@@ -18,7 +18,6 @@ import yaml
 from pydantic import ValidationError
 
 from distill_ray.config.schema import SECRET_KEYS, PipelineConfig
-from distill_ray.errors import BadInput
 
 Path_ = tuple[str | int, ...]
 
@@ -38,7 +37,7 @@ class Problem:
         return f"{where}{key}: {self.message}"
 
 
-class ConfigError(BadInput):
+class ConfigError(Exception):
     """A config (or its overrides) is invalid; carries every problem found."""
 
     def __init__(self, problems: list[Problem]):

@@ -5,7 +5,7 @@ and stopped exactly: nothing else of the user's is touched.
     python cluster/local_head.py start            # prints the exports for `distill-ray submit`
     python cluster/local_head.py start --workers 2 --num-cpus 2 --worker-cpus 2   # a 3-node cluster
     eval "$(python cluster/local_head.py env)"    # RAY_ADDRESS and RAY_AUTH_TOKEN_PATH in this shell
-    distill-ray submit jobs/configs/support_orders.yaml --steps prompts --follow
+    distill-ray submit jobs/configs/support_orders.yaml --steps prompts
     python cluster/local_head.py nodes            # the nodes, alive or dead, with their resources
     python cluster/local_head.py kill-node w1     # SIGKILL worker node w1's raylet (a node failure)
     python cluster/local_head.py restart-node w1  # a new node w1 joins

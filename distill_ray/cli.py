@@ -19,18 +19,14 @@ from collections.abc import Callable
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config, resolved_yaml
-from distill_ray.errors import StepFailed
-from distill_ray.filters.verifiers import FilterError
-from distill_ray.prompts.read import SourceError
-from distill_ray.teacher.errors import BudgetReached, MissingInput, TeacherRejected, TeacherStalled
-from distill_ray.train.data import TrainDataError
+from distill_ray.errors import BadInput, StepFailed
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
 
 
 def check_inputs(config: PipelineConfig) -> list[Problem]:
     """Problems with what the config points at (checked by validate and before every step)."""
-    from distill_ray.prompts.read import check_source
+    from distill_ray.prompts.read import SourceError, check_source
 
     try:
         check_source(config.prompts)
@@ -145,8 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from distill_ray.teacher.launch import launched_teachers
 
-    fallback = config.serve.teacher or config.teachers[0].name
-    needs_launch = any(t.launch and t.name == fallback for t in config.teachers)
+    needs_launch = config.fallback_teacher.launch is not None
     with launched_teachers(config) if needs_launch and not args.detach else contextlib.nullcontext() as launched:
         if launched is not None:
             launched.wait()
@@ -238,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                f"distill-ray run {EXAMPLE} --steps prompts")
     run.add_argument("--steps", default=None, help="comma-separated steps (default: all available)")
 
-    from distill_ray.jobs.cli import add_cluster_verbs
+    from distill_ray.submit.cli import add_cluster_verbs
 
-    add_cluster_verbs(sub, verb)  # submit, jobs list|status|logs|stop
+    add_cluster_verbs(sub, verb, check_inputs)  # submit, jobs list|status|logs|stop
 
     teacher = sub.add_parser("teacher", help="the offline teacher (an OpenAI-compatible server on this machine)")
     teacher_sub = teacher.add_subparsers(dest="teacher_verb", required=True, metavar="ACTION")
@@ -285,13 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill-ray {args.verb}: invalid input ({len(exc.problems)} problem(s)):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
-        return 2
-    except (SourceError, MissingInput, TeacherRejected, FilterError, TrainDataError) as exc:
+        return exc.exit_code
+    except (BadInput, StepFailed) as exc:  # every error a step raises for the user (distill_ray/errors.py)
         print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
-        return 2
-    except (BudgetReached, TeacherStalled, StepFailed) as exc:
-        print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"distill-ray {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill_ray.errors import BadInput
 from distill_ray.storage import filesystem_for, is_s3
 
 SMOLLM2 = "smollm2"
@@ -46,7 +47,7 @@ _MODEL_FILE = re.compile(r".*\.(json|safetensors|bin|model|txt|tiktoken|jinja|py
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(BadInput, ValueError):
     """The model a spec names cannot be found locally (and nothing is downloaded from the Hub)."""
 
 

@@ -1,6 +1,6 @@
 """Ray job entry point for `distill-ray drift`: served traffic (serve/logs/) against the training prompts.
 
-    distill-ray submit jobs/configs/support_orders.yaml --steps drift --follow
+    distill-ray submit jobs/configs/support_orders.yaml --steps drift
     python jobs/drift.py jobs/configs/support_orders.yaml
 """
 

@@ -1,6 +1,6 @@
 """Ray job entry point for `distill-ray redistill`: the flywheel, a round of distillation on the served traffic.
 
-    distill-ray submit jobs/configs/support_orders.yaml --steps redistill --follow
+    distill-ray submit jobs/configs/support_orders.yaml --steps redistill
     python jobs/redistill.py jobs/configs/support_orders.yaml
 """
 

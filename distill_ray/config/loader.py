@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from distill_ray.config.schema import SECRET_KEYS, PipelineConfig
+from distill_ray.errors import BadInput
 
 Path_ = tuple[str | int, ...]
 
@@ -37,7 +38,7 @@ class Problem:
         return f"{where}{key}: {self.message}"
 
 
-class ConfigError(Exception):
+class ConfigError(BadInput):
     """A config (or its overrides) is invalid; carries every problem found."""
 
     def __init__(self, problems: list[Problem]):

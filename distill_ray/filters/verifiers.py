@@ -22,13 +22,14 @@ from distill_ray.config.schema import (
     ReferenceMatchFilter,
     RegexFilter,
 )
+from distill_ray.errors import BadInput
 from distill_ray.metrics import metric, normalize_answer
 
 Row = dict[str, Any]
 Check = Callable[[Row], str | None]
 
 
-class FilterError(ValueError):
+class FilterError(BadInput, ValueError):
     """A filter cannot be built (a python filter that does not import, a bad schema): exit 2."""
 
 

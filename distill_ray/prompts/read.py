@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill_ray.config.schema import Prompts
+from distill_ray.errors import BadInput
 from distill_ray.prompts.normalize import normalize, prompt_id, text_hash
 from distill_ray.storage import expand_source, filesystem_for
 
@@ -55,7 +56,7 @@ class Unit:
     first_row: int = 0  # Parquet: row index of the row group's first row
 
 
-class SourceError(ValueError):
+class SourceError(BadInput, ValueError):
     """The source as a whole is unusable (missing, empty, unknown format)."""
 
 

@@ -1,4 +1,7 @@
-"""Running pipeline steps as Ray jobs: connecting to a cluster's Jobs API, submitting, following.
+"""Submitting pipeline steps to a Ray cluster as Ray jobs, and following them (the Jobs API client).
 
-`distill-ray submit` and `distill-ray jobs ...` are thin faces over `submit.py` and `client.py`.
+Not to be confused with the repository's top-level `jobs/`: those are the entry points the cluster
+runs (`python jobs/<step>.py CONFIG`) and the example configs; this package sends them there.
+`distill-ray submit` and `distill-ray jobs ...` (`cli.py`) are thin faces over `job.py` (validate,
+stage, submit) and `client.py` (connect, list, status, logs, stop, follow).
 """

@@ -1,4 +1,7 @@
-"""The cluster verbs of `distill-ray`: `submit` and `jobs list|status|logs|stop` (registered by cli.py)."""
+"""The cluster verbs of `distill-ray`: `submit` and `jobs list|status|logs|stop` (registered by cli.py).
+
+Their errors are `ClusterError` (a BadInput: exit 2) or the config's; cli.py reports them.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +9,32 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill_ray.jobs import client as jobs_client
-from distill_ray.jobs.client import ClusterError
+from distill_ray.submit import client as jobs_client
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
 ADDRESS_HELP = "the cluster's Jobs API, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
 
 
-def _cluster_errors(func):
-    """Report cluster trouble as exit 2 with one line, no traceback."""
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except ClusterError as exc:
-            print(f"distill-ray {args.verb}: {exc}", file=sys.stderr)
-            return 2
-    return wrapped
-
-
-@_cluster_errors
 def cmd_submit(args: argparse.Namespace) -> int:
-    from distill_ray.cli import check_inputs
-    from distill_ray.jobs.submit import SubmitOptions, submit
+    """Submit, then (like `ray job submit`) stream the job's logs until it ends; --no-wait returns at once."""
+    from distill_ray.submit.job import SubmitOptions, submit
 
     options = SubmitOptions(
         config_path=Path(args.config), overrides=args.overrides, steps=args.steps, address=args.address,
         wheel=Path(args.wheel) if args.wheel else None, pip=args.pip, env=args.env,
         entrypoint_gpus=args.entrypoint_gpus, python=args.python, submission_id=args.submission_id)
-    client, submission_id = submit(options, check_inputs=check_inputs)
-    if not args.follow:
+    client, submission_id = submit(options, check_inputs=args.check_inputs)
+    if args.no_wait:
         print(f"follow it with: distill-ray jobs logs {submission_id} --follow")
         return 0
-    return jobs_client.follow(client, submission_id)
+    try:
+        return jobs_client.follow(client, submission_id)
+    except KeyboardInterrupt:
+        print(f"the job keeps running on the cluster; stop it with: distill-ray jobs stop {submission_id}",
+              file=sys.stderr)
+        raise
 
 
-@_cluster_errors
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = jobs_client.connect(args.address)
     if args.jobs_verb == "list":
@@ -71,15 +65,22 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cluster_verbs(sub, verb) -> None:
-    """Register `submit` (through cli.py's `verb` helper: config and -o) and `jobs`."""
-    submit = verb("submit", cmd_submit, "run steps as one Ray job on a cluster (validated here first)",
+def add_cluster_verbs(sub, verb, check_inputs) -> None:
+    """Register `submit` (through cli.py's `verb` helper: config and -o) and `jobs`.
+
+    `check_inputs` is `validate`'s check of what the config points at, run before a prompts step is sent.
+    """
+    submit = verb("submit", cmd_submit, "run steps as one Ray job on a cluster (validated here first), print its "
+                  "logs until it ends and exit with its status: 0 SUCCEEDED, 1 FAILED or STOPPED (2 when the "
+                  "job itself found bad input)",
                   f"distill-ray submit {EXAMPLE} --steps prompts,generate --address http://127.0.0.1:8265 "
-                  f"--follow -o workdir=s3://my-bucket/runs/x", ray_address=False)
+                  f"-o workdir=s3://my-bucket/runs/x", ray_address=False)
+    submit.set_defaults(check_inputs=check_inputs)
     submit.add_argument("--steps", default=None, help="comma-separated steps, run in order (default: all)")
     submit.add_argument("--address", default=None, help=ADDRESS_HELP)
-    submit.add_argument("--follow", action="store_true",
-                        help="print the job's logs until it ends; exit with its code (0 SUCCEEDED)")
+    submit.add_argument("--no-wait", action="store_true",
+                        help="return once the job is submitted, printing its id and how to follow it")
+    submit.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     submit.add_argument("--wheel", default=None, help="send this built distill-ray wheel as py_modules "
                         "instead of uploading the package source")
     submit.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",

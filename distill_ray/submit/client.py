@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlparse
 
+from distill_ray.errors import BadInput
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-class ClusterError(Exception):
-    """The cluster cannot be reached, refuses us, or does not know the job (exit 2, no traceback)."""
+class ClusterError(BadInput):
+    """The cluster address is missing or unreachable, refuses us, or does not know the job (exit 2)."""
 
 
 def resolve_address(address: str | None) -> str:
@@ -113,11 +115,8 @@ def wait_until_done(client, job_id: str, poll_s: float = 1.0):
 
 
 def follow(client, job_id: str, out: TextIO = sys.stdout) -> int:
-    """Print the job's logs as they come, then its final status; returns the exit code to use.
-
-    The exit code is the job driver's (the `distill-ray` verb's: 1 a failed step, 2 bad input found on
-    the cluster) when the cluster reports it, else 0 for SUCCEEDED and 1 otherwise.
-    """
+    """Print the job's logs as they come (as `ray job submit` does), then its final status; returns
+    the exit code to use (see `exit_code`)."""
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             out.write(chunk)
@@ -131,11 +130,17 @@ def follow(client, job_id: str, out: TextIO = sys.stdout) -> int:
     return report_final(info, out)
 
 
+def exit_code(status: str, driver_exit_code: int | None) -> int:
+    """0 for SUCCEEDED; for FAILED or STOPPED 1, or 2 when the job's `distill-ray` verb itself exited 2
+    (bad input found on the cluster, e.g. a prompts.source missing there)."""
+    if status == "SUCCEEDED":
+        return 0
+    return 2 if driver_exit_code == 2 else 1
+
+
 def report_final(info, out: TextIO = sys.stdout) -> int:
     status = getattr(info.status, "value", str(info.status))
-    code = info.driver_exit_code
-    if code is None:
-        code = 0 if status == "SUCCEEDED" else 1
+    code = exit_code(status, info.driver_exit_code)
     message = f": {info.message}" if info.message and status != "SUCCEEDED" else ""
     print(f"job {info.submission_id or info.job_id}: {status} (exit code {code}){message}", file=out)
     return code

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config, masked
-from distill_ray.jobs.client import ClusterError, auth_token, is_local, resolve_address
+from distill_ray.submit.client import ClusterError, auth_token, is_local, resolve_address
 from distill_ray.steps import STEPS, parse_steps
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,7 +258,7 @@ def submit(options: SubmitOptions, check_inputs=None, echo=print) -> tuple[Any, 
         ConfigError: anything wrong on this side (nothing was sent).
         ClusterError: the cluster could not be reached or refused us.
     """
-    from distill_ray.jobs.client import connect
+    from distill_ray.submit.client import connect
 
     _, job = plan(options, check_inputs)
     address = resolve_address(options.address)

@@ -12,6 +12,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from distill_ray.config.schema import PipelineConfig, Task
+from distill_ray.errors import BadInput
 from distill_ray.storage import Workdir
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class TrainDataError(ValueError):
+class TrainDataError(BadInput, ValueError):
     """The training data cannot be built (exit 2)."""
 
 

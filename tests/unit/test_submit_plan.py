@@ -9,8 +9,9 @@ import pytest
 
 from distill_ray.cli import main
 from distill_ray.config import load_config
-from distill_ray.jobs.submit import SubmitOptions, plan, refuse_if_secrets_sent, stage
 from distill_ray.steps import STEPS, Step, one_gpu_if_use_gpu
+from distill_ray.submit.client import exit_code
+from distill_ray.submit.job import SubmitOptions, plan, refuse_if_secrets_sent, stage
 from tests.conftest import ROOT
 
 ADDRESS = "http://127.0.0.1:1"  # never contacted: every case here stops before connecting
@@ -95,3 +96,14 @@ def test_a_secret_value_in_an_uploaded_file_is_refused(config, tmp_path, monkeyp
         refuse_if_secrets_sent(job, staged, ADDRESS)
     assert secret not in str(caught.value)
     assert main(["submit", str(config), "--address", ADDRESS, "--steps", "generate"]) == 2
+
+
+@pytest.mark.parametrize("status, driver_code, expected", [
+    ("SUCCEEDED", 0, 0),
+    ("FAILED", 1, 1),     # a step failed on the cluster
+    ("FAILED", 2, 2),     # the job's distill-ray verb found bad input there
+    ("FAILED", None, 1),  # the driver never started (runtime_env setup failed)
+    ("STOPPED", 130, 1),  # `distill-ray jobs stop`: the driver's own code is not passed on
+])
+def test_submit_exits_with_the_jobs_status(status, driver_code, expected):
+    assert exit_code(status, driver_code) == expected

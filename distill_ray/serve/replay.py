@@ -38,7 +38,7 @@ ORIGIN = "replay:holdout"  # the `x-distill-origin` of every replayed request: i
 def run_replay(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     from ray import serve
 
-    from distill_ray.serve.app import APP_NAME
+    from distill_ray.serve.control import APP_NAME
     from distill_ray.serve.step import _reset_control, deploy, fetch_stats, rollout
 
     workdir = Workdir(config.workdir)

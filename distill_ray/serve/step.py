@@ -4,14 +4,14 @@
 mode, where the student never answers a client, the best by relative quality even if none passed),
 deploys the Serve app on the Ray cluster (a local one by default) at `serve.host:serve.port`, and
 runs until Ctrl-C / SIGTERM, then deletes the app; `--detach` leaves it running on the cluster.
-`rollout` changes the live app's mode, canary share or confidence threshold: it redeploys the app
-with a new `user_config` only, which Serve applies to the running router replicas in place.
+`rollout` changes the live app's mode, canary share or confidence threshold in place: it posts
+the change to the app's admin endpoint, whose control actor every router replica follows.
+What is deployed (the student, the eval gate, the app's arguments) is `deployment.py`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
@@ -20,150 +20,13 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from distill_ray.config.schema import PipelineConfig
+from distill_ray.config.schema import PipelineConfig, Rollout
 from distill_ray.errors import StepFailed
-from distill_ray.manifest import read_manifest
-from distill_ray.serve.app import APP_NAME
+from distill_ray.serve.control import APP_NAME, POLL_S, control_actor, record_rollout
+from distill_ray.serve.deployment import ServeRefused, app_args, pick_student, promoted
 from distill_ray.storage import Workdir
-from distill_ray.teacher.errors import MissingInput
 
 ROUTE_PREFIX = "/"
-
-
-class ServeRefused(MissingInput):
-    """Serving would be unsafe or impossible with this config (exit 2)."""
-
-
-def _eval_results(workdir: Workdir) -> dict[str, Any]:
-    if not workdir.exists("eval", "metrics.json"):
-        return {}
-    return json.loads(workdir.read_bytes("eval", "metrics.json")).get("students", {})
-
-
-def promoted(workdir: Workdir) -> dict[str, Any] | None:
-    """The student the flywheel (`distill-ray redistill`) found better than the served one, if any."""
-    if not workdir.exists("flywheel", "promoted.json"):
-        return None
-    return json.loads(workdir.read_bytes("flywheel", "promoted.json"))
-
-
-def pick_student(config: PipelineConfig, workdir: Workdir, mode: str) -> tuple[str, str, dict[str, Any] | None]:
-    """(name, checkpoint URI, its eval result) of the student to serve: serve.student, else the
-    flywheel's promoted student, else the smallest that passed eval (in shadow mode, where the
-    student never answers a client, the best by relative quality even if none passed)."""
-    results = _eval_results(workdir)
-    if config.serve.student:
-        name = config.serve.student
-    elif (best := promoted(workdir)) is not None:
-        return best["student"], best["checkpoint"], best.get("eval")
-    else:
-        if not results:
-            raise ServeRefused(f"no eval results in {workdir.uri_of('eval')}: run `distill-ray eval` first, or name "
-                               "serve.student")
-        passed = [r for r in results.values() if r["passed"]]
-        if passed:
-            name = min(passed, key=lambda r: (r["parameters"], -r["quality"]["overall"]["relative_quality"]))["student"]
-        else:
-            name = max(results.values(), key=lambda r: r["quality"]["overall"]["relative_quality"])["student"]
-    manifest = read_manifest(workdir, f"students/{name}")
-    if not manifest or manifest.get("status") != "complete":
-        raise ServeRefused(f"student '{name}' has no finished training in {workdir.uri_of('students', name)}")
-    return name, workdir.uri_of("students", name, "best"), results.get(name)
-
-
-def student_gate(config: PipelineConfig, workdir: Workdir, name: str) -> tuple[bool, str]:
-    """Whether the student may answer clients (canary, full): it passed eval (or the flywheel's
-    round eval that promoted it), or serve.skip_eval_gate says so. The serve app judges this itself."""
-    if config.serve.skip_eval_gate:
-        return True, "serve.skip_eval_gate is set"
-    best = promoted(workdir)
-    if best is not None and best["student"] == name:
-        return bool(best.get("passed")), f"the flywheel's eval (round {best.get('round')}) " + (
-            "passed" if best.get("passed") else "did not pass")
-    result = _eval_results(workdir).get(name)
-    if result is None:
-        return False, f"no eval result for '{name}' in {workdir.uri_of('eval', 'metrics.json')} (run `distill-ray eval`)"
-    if not result["passed"]:
-        return False, f"'{name}' did not pass eval (serve.skip_eval_gate overrides)"
-    return True, "passed eval"
-
-
-def known_categories(workdir: Workdir) -> list[str]:
-    """The prompt set's slices (the metrics' category labels), from prompts/report.json: the categories
-    counted in its `category_counts` (`source`, `train`, `holdout`; a flywheel round's report has the
-    last two), not that section's own keys."""
-    if not workdir.exists("prompts", "report.json"):
-        return []
-    counts = json.loads(workdir.read_bytes("prompts", "report.json")).get("category_counts") or {}
-    return sorted({c for part in ("source", "train", "holdout") for c in counts.get(part) or {}})
-
-
-def resolve_min_confidence(config: PipelineConfig, result: dict[str, Any] | None) -> float:
-    """serve.min_confidence as a number: 'recommended' is eval's threshold for this student (no
-    threshold needed: every answer served; none meets the bar: every answer falls back)."""
-    value = config.serve.min_confidence
-    if value != "recommended":
-        return float(value)
-    if not result:
-        raise ServeRefused("serve.min_confidence: 'recommended' needs this student's eval results (run `distill-ray eval`)")
-    threshold = result["threshold"]
-    if not threshold["meets_bar"]:
-        return 0.0
-    return -1e9 if threshold["min_confidence"] is None else float(threshold["min_confidence"])
-
-
-def _token_sha256(env: str | None, key: str) -> str | None:
-    """The SHA-256 of the token in `env` (the token never leaves this process), or of `<env>_SHA256`
-    where only the hash is mounted (a RayService)."""
-    if env is None:
-        return None
-    if os.environ.get(env):
-        return hashlib.sha256(os.environ[env].encode()).hexdigest()
-    digest = os.environ.get(f"{env}_SHA256", "").strip().lower()
-    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-        return digest
-    raise ServeRefused(f"serve.{key}: environment variable {env} (or {env}_SHA256, the token's SHA-256) is not set; set "
-                       f"it, or set serve.{key}: null with serve.allow_open_endpoint: true for an open endpoint")
-
-
-def app_args(config: PipelineConfig, student: str, uri: str, result: dict[str, Any] | None = None) -> dict[str, Any]:
-    config = config.model_copy(update={"serve": config.serve.model_copy(
-        update={"min_confidence": resolve_min_confidence(config, result)})})
-    s = config.serve
-    if s.student_adapter:
-        _check_adapter(config, student, uri)
-    if s.mode != "shadow":
-        passed, why = student_gate(config, Workdir(config.workdir), student)
-        if not passed:
-            raise ServeRefused(f"student '{student}' may not answer clients in {s.mode} mode: {why}; serve in shadow "
-                               "mode (or with serve.rollout_plan), or set serve.skip_eval_gate: true")
-    return {"config": config.model_dump(mode="json", by_alias=True), "student_uri": uri, "student_name": student,
-            "token_sha256": _token_sha256(s.auth_token_env, "auth_token_env"),
-            "admin_sha256": _token_sha256(s.admin_token_env, "admin_token_env"),
-            "generation": time.time(),  # a redeploy's rollout control replaces an earlier one's
-            "rollout": {"mode": s.mode, "canary_percent": s.canary_percent, "min_confidence": s.min_confidence,
-                        "latency_budget_ms": s.latency_budget_ms}}
-
-
-def _check_adapter(config: PipelineConfig, student: str, uri: str) -> None:
-    """serve.student_adapter: the student's adapter and base are where vLLM reads them (the flywheel's
-    promoted student, not in `students:`, counts as a LoRA student when its adapter is there)."""
-    from distill_ray.serve.student import adapter_paths
-    from distill_ray.storage import is_s3
-
-    if is_s3(uri):
-        raise ServeRefused("serve.student_adapter: vLLM loads the adapter from a local (or shared) folder, and "
-                           f"{uri} is on S3; set serve.student_adapter: false to serve the merged checkpoint")
-    entry = next((x for x in config.students if x.name == student), None)
-    if entry is not None and entry.lora is None:
-        raise ServeRefused(f"serve.student_adapter: student '{student}' has no `lora:` (only LoRA students have an "
-                           "adapter); set serve.student_adapter: false to serve its checkpoint")
-    base, adapter = adapter_paths(uri)
-    for path in (os.path.join(adapter, "adapter_config.json"), os.path.join(base, "config.json")):
-        if not os.path.exists(path):
-            raise ServeRefused(f"serve.student_adapter: {path} does not exist (a LoRA student's training writes its "
-                               "base to students/<name>/init and its adapter to students/<name>/best/adapter); run "
-                               "`distill-ray train` again, or set serve.student_adapter: false")
 
 
 def deploy(config: PipelineConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -240,8 +103,6 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
     to say what is wrong before anything is sent."""
     from pydantic import ValidationError
 
-    from distill_ray.config.schema import Rollout
-
     current = fetch_stats(config)["rollout"]
     if plan is not None:
         answer = _call(config, "/v1/distill/rollout", {"plan": plan})
@@ -311,8 +172,6 @@ def _call(config: PipelineConfig, path: str, body: dict[str, Any] | None = None)
 
 def _wait_for_rollout(config: PipelineConfig, wanted: dict[str, Any], timeout_s: float = 10) -> None:
     """Until the app reports the new rollout (routers poll every POLL_S)."""
-    from distill_ray.serve.app import POLL_S
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -327,8 +186,6 @@ def _wait_for_rollout(config: PipelineConfig, wanted: dict[str, Any], timeout_s:
 
 def _reset_control() -> None:
     import ray
-
-    from distill_ray.serve.app import control_actor
 
     control = control_actor()
     if control is not None:
@@ -386,16 +243,3 @@ def _wait_healthy(host: str, port: int, timeout_s: float) -> None:
             pass
         time.sleep(0.5)
     raise StepFailed(f"serve: the app did not answer {url} within {timeout_s:.0f}s (see the Serve logs)")
-
-
-def record_rollout(workdir: Workdir, rollout: dict[str, Any], by: str, student: str,
-                   decision: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> None:
-    """`serve/rollout.json`: the live rollout and its history (who changed what, when; the plan's
-    decisions with their figures; `state`: what a re-made control actor resumes from)."""
-    history = []
-    if workdir.exists("serve", "rollout.json"):
-        history = json.loads(workdir.read_bytes("serve", "rollout.json")).get("history", [])
-    entry = {**rollout, "student": student, "by": by, "time": time.time(), **(state or {})}
-    if decision is not None:
-        entry["decision"] = decision
-    workdir.write_json({"current": entry, "history": [*history, entry][-200:]}, "serve", "rollout.json")

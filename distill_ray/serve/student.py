@@ -4,7 +4,7 @@ With `serve.engine.backend: vllm` (the default) the student is Ray's own LLM dep
 (`ray.serve.llm`: `LLMConfig` / `LLMServer`, vLLM's engine; its CPU build here, the CUDA build with
 `serve.engine.num_gpus`, an `accelerator_type` and tensor parallelism through its placement group),
 built from the same engine settings eval and the teacher use (`distill_ray.engine.vllm`). With
-`backend: transformers` it is `StudentServer` (app.py), distill-ray's own batched generator.
+`backend: transformers` it is `StudentServer` (below), distill-ray's own batched generator.
 
 With `serve.student_adapter: true` (a LoRA student, vLLM) the engine holds the student's base
 (`students/<name>/init/`) and its adapter (`best/adapter/`) as a LoRA module named after the student:
@@ -19,8 +19,12 @@ tokens), then the whole answer marked `done`.
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+from ray import serve
 
 from distill_ray.config.schema import Serve
 
@@ -128,11 +132,7 @@ class StudentClient:
 async def warm_up(name: str, ray_llm: bool) -> float:
     """One short request through the deployed student, so that the first client does not pay the
     engine's first-batch warm-up (seconds on CPU); returns its seconds."""
-    import time
-
-    from ray import serve
-
-    from distill_ray.serve.app import APP_NAME
+    from distill_ray.serve.control import APP_NAME
 
     client = StudentClient(serve.get_deployment_handle("student", app_name=APP_NAME), name, ray_llm)
     start = time.perf_counter()
@@ -197,3 +197,47 @@ def _as_dict(item: Any) -> dict[str, Any]:
     if "choices" not in body:
         raise RuntimeError(f"the student failed: {body.get('error') or body.get('message') or body}")
     return body
+
+
+@serve.deployment(name="student", ray_actor_options={"num_cpus": 1})
+class StudentServer:
+    """The student checkpoint in distill-ray's own deployment, with `serve.engine.backend: transformers`
+    (any ChatEngine works here); answers with their confidence, whole (`generate`) or as they are
+    decoded (`stream`)."""
+
+    def __init__(self, model_uri: str, name: str, engine: dict[str, Any] | None = None):
+        from distill_ray.config.schema import Engine
+        from distill_ray.engine import open_engine
+
+        self.name = name
+        self.engine = open_engine(model_uri, Engine.model_validate(engine or {}))
+        self.parameters = self.engine.info()["parameters"]
+
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0
+                       ) -> dict[str, Any]:
+        start = time.perf_counter()
+        answer = await self.engine.generate(messages, max_tokens, temperature)
+        return {"text": answer.text.strip(), "confidence": answer.confidence, "finish_reason": answer.finish_reason,
+                "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                "compute_ms": (time.perf_counter() - start) * 1000}
+
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0):
+        """{"text", "logprobs"} pieces as the engine decodes them, then the whole answer with "done": True."""
+        from distill_ray.engine import Answer
+
+        start = time.perf_counter()
+        async for item in self.engine.stream(messages, max_tokens, temperature):
+            if isinstance(item, Answer):
+                yield {"done": True, "text": item.text.strip(), "confidence": item.confidence,
+                       "finish_reason": item.finish_reason, "prompt_tokens": item.prompt_tokens,
+                       "completion_tokens": item.completion_tokens, "compute_ms": (time.perf_counter() - start) * 1000}
+            else:
+                yield {"text": item.text, "logprobs": item.logprobs}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "parameters": self.parameters, "pid": os.getpid(), **self.engine.info()}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import time
@@ -35,58 +34,29 @@ from distill_ray.engine.batcher import (
     DEFAULT_MAX_TOKENS,
     ENGINE,
     MAX_TOP_LOGPROBS,
-    ROLES,
     BatchGenerator,
     GenerationRequest,
     GenerationResult,
 )
-
-
-class BadRequest(ValueError):
-    """A request the OpenAI API would refuse with 400; ``param`` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.param, self.code = param, code
+from distill_ray.openai_api import (
+    SSE_DONE,
+    SSE_HEADERS,
+    RequestError,
+    check_n,
+    check_types,
+    completion_body,
+    error_body,
+    number,
+    parse_messages,
+    parse_stop,
+    sse_event,
+)
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> web.Response:
-    """An OpenAI-style error body."""
-    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                             status=status)
-
-
-def _number(body: dict, name: str, default: Any, kind: type, low: float, high: float) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise BadRequest(f"'{name}' must be {'a number' if kind is float else 'an integer'}, got {value!r}", name)
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value!r}", name)
-    return kind(value)
-
-
-def _messages(body: dict) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}", f"messages[{i}].role")
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string, got {content!r}", f"messages[{i}].content")
-        out.append({"role": ROLES[role], "content": content})
-    return out
+    """An OpenAI-style error answer."""
+    return web.json_response(error_body(message, type_, param, code), status=status)
 
 
 def parse_chat_request(body: Any, tokenizer: PreTrainedTokenizerBase, max_context: int) -> tuple[
@@ -102,38 +72,30 @@ def parse_chat_request(body: Any, tokenizer: PreTrainedTokenizerBase, max_contex
         (request, stream, include_usage_in_stream).
 
     Raises:
-        BadRequest: with the message and the parameter the OpenAI API would name.
+        RequestError: 400 with the message and the parameter the OpenAI API would name.
     """
     if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    messages = _messages(body)
-    n = _number(body, "n", 1, int, 1, 128)
-    if n != 1:
-        raise BadRequest(f"only n=1 is supported, got n={n}", "n")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-        raise BadRequest("'stop' must be a string or a list of up to 4 strings", "stop")
-    for name in ("logprobs", "stream"):
-        if body.get(name) is not None and not isinstance(body.get(name), bool):
-            raise BadRequest(f"'{name}' must be a boolean, got {body.get(name)!r}", name)
-    top_logprobs = _number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
+        raise RequestError(400, "the request body must be a JSON object")
+    messages = parse_messages(body)
+    check_n(body)
+    stop = parse_stop(body)
+    check_types(body, {"logprobs": (bool, "a boolean"), "stream": (bool, "a boolean"),
+                       "stream_options": (dict, "an object")})
+    top_logprobs = number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
     if top_logprobs and not body.get("logprobs"):
-        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        raise RequestError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise BadRequest("'stream_options' must be an object", "stream_options")
     prompt_ids, history_len = render_prompt(tokenizer, messages)
     room = max_context - len(prompt_ids)
-    max_tokens = _number(body, "max_completion_tokens", None, int, 1, 1 << 20)
-    max_tokens = _number(body, "max_tokens", max_tokens, int, 1, 1 << 20) if max_tokens is None else max_tokens
+    max_tokens = number(body, "max_completion_tokens", None, int, 1, 1 << 20)
+    max_tokens = number(body, "max_tokens", max_tokens, int, 1, 1 << 20) if max_tokens is None else max_tokens
     if room < 1 or (max_tokens or 0) > room:
-        raise BadRequest(f"this model's context is {max_context} tokens; the prompt has {len(prompt_ids)} and "
-                         f"{max_tokens or 1} more were asked for", "messages", "context_length_exceeded")
+        raise RequestError(400, f"this model's context is {max_context} tokens; the prompt has {len(prompt_ids)} and "
+                           f"{max_tokens or 1} more were asked for", param="messages", code="context_length_exceeded")
     request = GenerationRequest(
         prompt_ids=prompt_ids, max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, room),
-        temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0), seed=_number(body, "seed", None, int, -(2**63), 2**64 - 1),
+        temperature=number(body, "temperature", 1.0, float, 0.0, 2.0),
+        top_p=number(body, "top_p", 1.0, float, 0.0, 1.0), seed=number(body, "seed", None, int, -(2**63), 2**64 - 1),
         stop=stop, top_logprobs=top_logprobs if body.get("logprobs") else 0, history_len=history_len)
     return request, bool(body.get("stream")), bool(stream_options.get("include_usage"))
 
@@ -239,39 +201,35 @@ def build_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, mod
             return error_response(400, f"the request body is not valid JSON: {err}")
         try:
             job, stream, include_usage = parse_chat_request(body, tokenizer, engine.max_context)
-        except BadRequest as err:
-            return error_response(400, str(err), param=err.param, code=err.code)
+        except RequestError as err:
+            return error_response(err.status, err.message, param=err.param, code=err.code)
         try:
             result: GenerationResult = await asyncio.wrap_future(engine.submit(job))
         except Exception as err:  # noqa: BLE001 - reported to the client as the OpenAI API reports its failures
             return error_response(500, f"generation failed: {type(err).__name__}: {err}", type_="server_error")
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        completion_id, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(result.token_ids),
                  "total_tokens": len(job.prompt_ids) + len(result.token_ids)}
         entries = [token_text.entry(t, lp, top) for t, lp, top in
                    zip(result.token_ids, result.logprobs, result.top or [[]] * len(result.token_ids), strict=True)]
         want_logprobs = bool(body.get("logprobs"))
         if not stream:
-            return web.json_response({**head, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": result.text},
-                "logprobs": {"content": entries} if want_logprobs else None,
-                "finish_reason": result.finish_reason}], "usage": usage})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            return web.json_response(completion_body(
+                completion_id, model_name, result.text, usage, result.finish_reason,
+                {"content": entries} if want_logprobs else None, created_at))
+        response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
 
-        async def send(choice: dict | None, **extra: Any) -> None:
-            chunk = {**head, "object": "chat.completion.chunk", "choices": [choice] if choice else [], **extra}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        async def send(delta: dict | None, finish: str | None = None, logprobs: dict | None = None, **extra) -> None:
+            await response.write(sse_event(completion_id, model_name, created_at, delta, finish, logprobs, **extra))
 
-        await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None})
+        await send({"role": "assistant", "content": ""})
         for piece, entry in zip(_stream_pieces(tokenizer, result), entries, strict=False):
-            await send({"index": 0, "delta": {"content": piece},
-                        "logprobs": {"content": [entry]} if want_logprobs else None, "finish_reason": None})
-        await send({"index": 0, "delta": {}, "logprobs": None, "finish_reason": result.finish_reason})
+            await send({"content": piece}, None, {"content": [entry]} if want_logprobs else None)
+        await send({}, result.finish_reason)
         if include_usage:
             await send(None, usage=usage)
-        await response.write(b"data: [DONE]\n\n")
+        await response.write(SSE_DONE)
         await response.write_eof()
         return response
 

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from distill_ray.config.schema import Rollout
-from distill_ray.serve.app import control_actor
+from distill_ray.serve.control import control_actor
 from distill_ray.serve.step import _reset_control
 
 pytestmark = pytest.mark.usefixtures("ray_local")

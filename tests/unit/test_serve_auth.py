@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from distill_ray.config.schema import Serve
-from distill_ray.serve.step import ServeRefused, _token_sha256
+from distill_ray.serve.deployment import ServeRefused, _token_sha256
 from tests.conftest import ROOT
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distill_ray.serve.step import known_categories
+from distill_ray.serve.deployment import known_categories
 from distill_ray.storage import Workdir
 
 

@@ -4,6 +4,7 @@ CLI's own argparse parser), and every config key written as `section.key` exists
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -88,7 +89,8 @@ def command_problem(argv: list[str]) -> str | None:
         current, rest = subs[rest[0]], rest[1:]
     if subs and not rest:
         return None  # `distill-ray teacher` or `distill-ray jobs` named in prose: the verb exists
-    known = set(current._option_string_actions)
+    known = {option for option, action in current._option_string_actions.items()  # hidden ones are not documented
+             if action.help != argparse.SUPPRESS}
     for token in rest:
         if token.startswith("-") and not re.fullmatch(r"-\d.*", token):
             option = token.split("=", 1)[0]

@@ -1,5 +1,5 @@
 locals {
-  azs = slice(data.aws_availability_zones.available.names, 0, 3)
+  azs = data.aws_availability_zones.available.names # var.zone_suffixes, those up
 }
 
 # Nodes live in private subnets; the public ones hold the NAT gateway and load balancers only.

@@ -37,6 +37,13 @@ provider "helm" {
 
 data "aws_caller_identity" "current" {}
 
+# The zones the VPC spans, named (not "whatever the region lists"): the subnets do not move when AWS
+# adds a zone (CKV_AWS_394); `state` still drops a named zone that is down.
 data "aws_availability_zones" "available" {
   state = "available"
+
+  filter {
+    name   = "zone-name"
+    values = formatlist("%s%s", var.region, var.zone_suffixes)
+  }
 }

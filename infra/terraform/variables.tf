@@ -4,6 +4,17 @@ variable "region" {
   default     = "us-west-2"
 }
 
+variable "zone_suffixes" {
+  description = "The Availability Zones the VPC spans, as letters after the region (us-west-2 + a = us-west-2a); at least two for EKS, a subnet pair each. Regions or accounts without a, b or c (us-west-1 offers b and c) set their own."
+  type        = list(string)
+  default     = ["a", "b", "c"]
+
+  validation {
+    condition     = length(var.zone_suffixes) >= 2 && alltrue([for s in var.zone_suffixes : can(regex("^[a-z]$", s))])
+    error_message = "zone_suffixes: at least two single letters, e.g. [\"a\", \"b\", \"c\"]."
+  }
+}
+
 variable "name" {
   description = "Name prefix of every resource; also the EKS cluster's name."
   type        = string
@@ -22,7 +33,7 @@ variable "kubernetes_version" {
 }
 
 variable "vpc_cidr" {
-  description = "CIDR of the new VPC (three private and three public subnets are cut from it)."
+  description = "CIDR of the new VPC (a private and a public subnet per zone of zone_suffixes are cut from it)."
   type        = string
   default     = "10.40.0.0/16"
 }

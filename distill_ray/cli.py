@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from distill_ray.teacher.launch import launched_teachers
 
-    needs_launch = config.fallback_teacher.launch is not None
+    needs_launch = bool(config.fallback_teacher.launch)
     with launched_teachers(config) if needs_launch and not args.detach else contextlib.nullcontext() as launched:
         if launched is not None:
             launched.wait()

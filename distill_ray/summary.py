@@ -36,7 +36,7 @@ def summary(config: PipelineConfig) -> str | None:
              f"${bar.max_cost_per_1k_requests_usd}/1k)", head, "-" * len(head)]
     if any_result:
         t_quality = any_result["quality"]["overall"]["teacher"]
-        lines.append(f"{'teacher ' + config.teachers[0].name:<22} {'-':>7} {t_quality:>8.3f} {1.0:>8.3f} {'-':>22} "
+        lines.append(f"{'teacher ' + config.reference_teacher.name:<22} {'-':>7} {t_quality:>8.3f} {1.0:>8.3f} {'-':>22} "
                      f"{_num(teacher.get('p95_latency_ms'), 8, 0)} {_num(teacher.get('cost_per_1k_requests_usd'), 9, 4)} "
                      f"{'-':>9} {'-':>5}")
     for name, r in students.items():

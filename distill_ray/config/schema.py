@@ -69,6 +69,37 @@ class PipelineConfig(Strict):
     drift: Drift = Field(default_factory=Drift)
     flywheel: Flywheel = Field(default_factory=Flywheel)
 
+    def teacher(self, name: str | None = None) -> Teacher:
+        """The teacher named `name`; None: the reference teacher (the first in `teachers`).
+
+        Raises:
+            ValueError: no teacher has that name (validation already refuses such names in the config).
+        """
+        if name is None:
+            return self.teachers[0]
+        for teacher in self.teachers:
+            if teacher.name == name:
+                return teacher
+        raise ValueError(f"'{name}' is not a configured teacher ({', '.join(t.name for t in self.teachers)})")
+
+    @property
+    def reference_teacher(self) -> Teacher:
+        """The teacher the students are measured against: its holdout answers are eval's and the replay's
+        targets where a prompt has no reference, and the summary's teacher row. The first in `teachers`."""
+        return self.teacher(None)
+
+    @property
+    def fallback_teacher(self) -> Teacher:
+        """The teacher the serve app answers with when the student does not (fallback, shadow, the teacher's
+        share of a canary): `serve.teacher`, default the reference teacher."""
+        return self.teacher(self.serve.teacher)
+
+    @property
+    def judge_teacher(self) -> Teacher:
+        """The teacher that judges answers for task.metric 'llm_judge': `eval.judge_teacher`, default the
+        reference teacher."""
+        return self.teacher(self.eval.judge_teacher)
+
     def train_for(self, student: Student) -> Train:
         """`train:` with the student's own overrides applied."""
         if not student.train:
@@ -111,7 +142,7 @@ class PipelineConfig(Strict):
             if not any(x.lora for x in chosen):
                 raise ValueError("serve.student_adapter: the served student has no `lora:` (only LoRA students have "
                                  "an adapter)" if s.student else "serve.student_adapter: no student has `lora:`")
-        served = next((t for t in self.teachers if t.name == s.teacher), self.teachers[0])
+        served = self.fallback_teacher
         if served.max_tokens > s.max_tokens:
             raise ValueError(f"serve.max_tokens ({s.max_tokens}) is below teachers.{served.name}.max_tokens "
                              f"({served.max_tokens}), which clients of the teacher send; raise serve.max_tokens")

@@ -50,6 +50,13 @@ class Task(Strict):
     )
     bar: Bar = Field(default_factory=Bar)
 
+    @property
+    def string_metric(self) -> str:
+        """The metric scored from the two answers alone: `metric`, except 'llm_judge', for which token_f1
+        stands in. Training's in-loop check, the serve app's shadow agreement and the replay use it: a judge
+        call per check would bill the teacher every few steps or requests."""
+        return "token_f1" if self.metric == "llm_judge" else self.metric
+
     @model_validator(mode="after")
     def _regex_needs_pattern(self) -> Task:
         if self.metric == "regex":

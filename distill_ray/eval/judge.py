@@ -31,9 +31,7 @@ _VERDICT = re.compile(r"[01]")
 
 def judge_teacher(config: PipelineConfig) -> Teacher:
     """The judging teacher: its endpoint, key, limits and prices; greedy, short, no logprobs."""
-    name = config.eval.judge_teacher or config.teachers[0].name
-    base = next(t for t in config.teachers if t.name == name)
-    return base.model_copy(update={"temperature": 0.0, "max_tokens": config.eval.judge_max_tokens, "logprobs": False,
+    return config.judge_teacher.model_copy(update={"temperature": 0.0, "max_tokens": config.eval.judge_max_tokens, "logprobs": False,
                                    "top_logprobs": 0, "samples": 1})
 
 

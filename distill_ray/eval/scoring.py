@@ -33,6 +33,26 @@ class Scored:
     confidence: float | None
 
 
+def holdout_target(row: dict[str, Any], *, trusted_only: bool = True) -> str | None:
+    """What a held-out answer is scored against: the row's reference (the log's label) where it has one,
+    else the reference teacher's answer. Eval (`trusted_only`) takes the teacher's answer only when the
+    filters kept it (`trusted`): scoring a student against an answer the filters rejected would count its
+    right answers as wrong. The replay takes any teacher answer (it measures agreement with the teacher).
+
+    Args:
+        row: `reference`, `teacher` (the answer, None after an error) and `trusted` (absent: trusted).
+        trusted_only: refuse a teacher answer the filters rejected.
+
+    Returns:
+        The target, or None when the row has none (then it is not scored).
+    """
+    if row.get("reference"):
+        return row["reference"]
+    if trusted_only and not row.get("trusted", True):
+        return None
+    return row["teacher"]
+
+
 def score_rows(rows: list[dict[str, Any]], score: Callable[..., float]) -> list[Scored]:
     """rows: id, category, reference, teacher (answer), student (answer), confidence, messages.
 
@@ -41,7 +61,7 @@ def score_rows(rows: list[dict[str, Any]], score: Callable[..., float]) -> list[
     out = []
     for r in rows:
         has_ref = bool(r.get("reference"))
-        target = r["reference"] if has_ref else r["teacher"]
+        target = holdout_target(r)
         s = (lambda a, t, r=r: score(a, t, {"prompt": r.get("messages") or []})) if getattr(score, "needs_row", False) \
             else score
         out.append(Scored(id=r["id"], category=r["category"], target_is_reference=has_ref, student=r["student"],
@@ -55,7 +75,7 @@ def pairs_to_score(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str
     """The (row, answer, target) pairs `score_rows` will score, for a scorer that asks ahead (the judge)."""
     out = []
     for r in rows:
-        target = r["reference"] if r.get("reference") else r["teacher"]
+        target = holdout_target(r)
         row = {"prompt": r.get("messages") or []}
         out += [(row, r["student"], target), (row, r["teacher"], target), (row, r["student"], r["teacher"])]
     return out

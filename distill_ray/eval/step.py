@@ -20,6 +20,7 @@ from distill_ray.errors import StepFailed
 from distill_ray.eval.scoring import (
     calibration,
     gate,
+    holdout_target,
     pairs_to_score,
     percentile,
     quality,
@@ -40,14 +41,12 @@ class GateFailed(StepFailed):
 
 
 def holdout_rows(config: PipelineConfig, workdir: Workdir) -> list[dict[str, Any]]:
-    """The holdout prompts with the first teacher's answer (config order, sample 0).
+    """The holdout prompts with the reference teacher's answer (sample 0).
 
-    `trusted` says whether that answer passed the filters (True when there is no filter step): a row
-    without a reference is scored against the teacher's answer only when it is trusted — scoring a
-    student against an answer the filters rejected (a number copied from the few-shot turns) would
-    count the student's right answers as wrong.
+    `trusted` says whether that answer passed the filters (True when there is no filter step); which
+    answer a row is scored against is `holdout_target`'s rule.
     """
-    teacher = config.teachers[0].name
+    teacher = config.reference_teacher.name
     kept = None
     if read_manifest(workdir, "filtered"):
         kept = {(r["id"], r["sample"]): r["kept"] for r in workdir.read_table("filtered", "rows").to_pylist()
@@ -87,7 +86,7 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
         return manifest
     t0 = time.perf_counter()
     every = [r for r in holdout_rows(config, workdir) if r["teacher"] is not None]
-    rows = [r for r in every if r["reference"] or r["trusted"]]
+    rows = [r for r in every if holdout_target(r) is not None]
     untrusted = len(every) - len(rows)
     if not rows:
         raise MissingInput("eval: no holdout prompt has a reference or a teacher answer that passed the filters")

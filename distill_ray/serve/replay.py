@@ -94,12 +94,14 @@ def replay_sample(prompts: list[dict[str, Any]], n: int | None) -> list[dict[str
 
 
 def _targets(workdir: Workdir, config: PipelineConfig) -> dict[str, str]:
-    """Per holdout prompt: its reference, else the first teacher's holdout answer."""
-    teacher = config.teachers[0].name
+    """Per holdout prompt: its target by `holdout_target`'s rule, any reference teacher answer allowed."""
+    from distill_ray.eval.scoring import holdout_target
+
+    teacher = config.reference_teacher.name
     out = {}
     for r in workdir.read_table("teacher", "answers").to_pylist():
         if r["split"] == "holdout" and r["teacher"] == teacher and r["sample"] == 0:
-            target = r["reference"] or r["completion"]
+            target = holdout_target({"reference": r["reference"], "teacher": r["completion"]}, trusted_only=False)
             if target is not None:
                 out[r["id"]] = target
     return out
@@ -116,8 +118,8 @@ def _replay(config: PipelineConfig, url: str, prompts: list[dict[str, Any]], tar
     # only from a request that carries it.
     env = config.serve.admin_token_env or config.serve.auth_token_env
     token = os.environ.get(env) if env else None
-    score = metric("token_f1" if config.task.metric == "llm_judge" else config.task.metric, config.task.metric_pattern)
-    max_tokens = config.teachers[0].max_tokens
+    score = metric(config.task.string_metric, config.task.metric_pattern)
+    max_tokens = config.fallback_teacher.max_tokens  # what clients of the served teacher send
 
     async def main() -> list[dict[str, Any]]:
         client = openai.AsyncOpenAI(base_url=url, api_key=token or "none", max_retries=0, timeout=120)
@@ -129,7 +131,7 @@ def _replay(config: PipelineConfig, url: str, prompts: list[dict[str, Any]], tar
                 t = time.perf_counter()
                 try:
                     raw = await client.chat.completions.with_raw_response.create(
-                        model=config.teachers[0].model, messages=teacher_messages(config.task, prompt["messages"]),
+                        model=config.fallback_teacher.model, messages=teacher_messages(config.task, prompt["messages"]),
                         max_tokens=max_tokens, temperature=0.0, user=user,
                         extra_headers={"x-category": prompt["category"], "x-distill-origin": ORIGIN})
                 except openai.APIError as err:

@@ -264,7 +264,7 @@ def _start_or_resume(workdir: Workdir, name: str, fingerprint: str, echo: Callab
 def _loop_metric(config: PipelineConfig) -> str:
     """The metric checked during training: the task's, except 'llm_judge' (a judge call per eval
     would bill the teacher every few steps), for which token_f1 against the target stands in."""
-    return "token_f1" if config.task.metric == "llm_judge" else config.task.metric
+    return config.task.string_metric
 
 
 def _read_metrics(workdir: Workdir, step: str) -> list[dict[str, Any]]:

@@ -46,8 +46,7 @@ class Routing:
         self.breaker = Breaker(s.breaker_failures, s.breaker_cooldown_s)
         self.judge_tokens = s.stream_judge_tokens
         self.salt = config.name
-        name = "token_f1" if config.task.metric == "llm_judge" else config.task.metric
-        self.agreement = metric(name, config.task.metric_pattern)
+        self.agreement = metric(config.task.string_metric, config.task.metric_pattern)
         self.few_shot = [m for t in config.task.few_shot for m in ({"role": "user", "content": t.user},
                                                                     {"role": "assistant", "content": t.assistant})]
         self.background: set[asyncio.Task] = set()

@@ -22,8 +22,7 @@ class TeacherCaller:
 
     def __init__(self, config: PipelineConfig):
         self.config = config
-        name = config.serve.teacher or config.teachers[0].name
-        self.teacher = next(t for t in config.teachers if t.name == name)
+        self.teacher = config.fallback_teacher
         self.key = os.environ.get(self.teacher.api_key_env) if self.teacher.api_key_env else None
         self.session = None
         # every fallback and shadow call draws a lease from the ledger and books its cost

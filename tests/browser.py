@@ -31,6 +31,12 @@ window.addEventListener('load', () => {
     tables: [...document.querySelectorAll('table')].map(t => ({cls: t.getAttribute('class'), visible: visible(t),
              head: [...t.querySelectorAll('thead th')].map(c => c.innerText.trim()),
              rows: [...t.querySelectorAll('tbody tr')].map(r => [...r.cells].map(c => c.innerText.trim()))})),
+    marks: [...document.querySelectorAll('[class]')].filter(e => ['decision', 'decision-line', 'side-by-side',
+             'threshold', 'threshold-label', 'fallback-zone', 'axis-x', 'axis-y', 'disagreements', 'student']
+             .some(c => e.classList.contains(c))).map(e => { const r = e.getBoundingClientRect();
+             return {cls: e.getAttribute('class'), top: r.top + window.scrollY, left: r.left, w: r.width, h: r.height,
+                     visible: visible(e) || (e.tagName === 'line' && (r.width > 0 || r.height > 0)),
+                     text: (e.innerText || e.textContent || '').trim().slice(0, 2000)}; }),
     title: document.title,
     text: document.body.innerText.slice(0, 20000),
   };
@@ -52,8 +58,34 @@ def chromium() -> str:
     pytest.skip(message)
 
 
+def _flags(profile: str) -> list[str]:
+    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            "--hide-scrollbars", f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+
+
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 2400, timeout_s: float = 60) -> Path:
+    """A PNG of `page` as Chromium paints it in a `width` x `height` window (the top of the page first)."""
+    binary = chromium()
+    with tempfile.TemporaryDirectory(prefix="distill-browser-") as tmp:
+        done = subprocess.run([binary, *_flags(f"{tmp}/profile"), f"--window-size={width},{height}",
+                               f"--screenshot={png}", page.resolve().as_uri()],
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+    assert png.exists() and png.stat().st_size > 0, f"Chromium wrote no screenshot (exit {done.returncode}): " \
+        f"{done.stderr[-2000:]}"
+    return png
+
+
+def png_size(png: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header."""
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def render(page: Path, timeout_s: float = 60) -> dict:
-    """What Chromium laid out for `page`: its svgs (size, visible bars, points, lines) and tables."""
+    """What Chromium laid out for `page`: its svgs (size, visible bars, points, lines), tables, the report's
+    marked elements (`marks`: the decision, the side-by-side table, the threshold, the axes: where each stands
+    on the page and its text) and the page's text."""
     binary = chromium()
     with tempfile.TemporaryDirectory(prefix="distill-browser-") as tmp:
         copy = Path(tmp) / "page.html"
@@ -61,9 +93,7 @@ def render(page: Path, timeout_s: float = 60) -> dict:
         copy.write_text(html.replace("</body>", PROBE + "</body>") if "</body>" in html else html + PROBE,
                         encoding="utf-8")
         done = subprocess.run(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-             f"--user-data-dir={tmp}/profile", "--virtual-time-budget=5000", "--window-size=1280,2000",
-             "--dump-dom", copy.as_uri()],
+            [binary, *_flags(f"{tmp}/profile"), "--window-size=1280,2000", "--dump-dom", copy.as_uri()],
             capture_output=True, text=True, timeout=timeout_s, check=False)
     match = re.search(r'<pre id="distill-probe">(.*?)</pre>', done.stdout, re.DOTALL)
     assert match, f"Chromium rendered no probe (exit {done.returncode}): {done.stderr[-2000:]}"

@@ -1,6 +1,6 @@
 """Throughput and memory of `distill-ray prompts` on a generated production-style log.
 
-    .venv/bin/python bench/prompts.py                 # 200,000 rows (the figure in the README)
+    .venv/bin/python bench/prompts.py                 # 200,000 rows (the figure in docs/benchmarks.md)
     .venv/bin/python bench/prompts.py --rows 20000    # a quick look
 
 Generates the log with the bundled example generator (categories, skew, exact/normalised/near

@@ -230,3 +230,12 @@ def test_the_checks_catch_a_made_up_verb_option_or_key():
     for key in ("teachers.0.model", "teachers[].engine", "students[].train", "serve.engine.num_gpus",
                 "serve.rollout_plan", "train.deepspeed.zero_stage", "eval.engine.num_gpus"):
         assert schema_has(key), key
+
+
+def test_the_readme_config_is_one_the_schema_takes():
+    import yaml
+
+    blocks = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "README.md").read_text(), re.M | re.S)
+    assert blocks, "README.md has no yaml config"
+    config = PipelineConfig.model_validate(yaml.safe_load(blocks[0]))
+    assert config.teachers[0].api_key_env == "OPENAI_API_KEY" and config.students[0].name == "small"

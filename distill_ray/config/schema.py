@@ -53,21 +53,27 @@ class PipelineConfig(Strict):
 
     name: str = Field("support-orders", pattern=NAME_PATTERN, description="Run name (used in job ids).")
     workdir: str = Field("runs/support-orders", description="Local path or s3://bucket/prefix for all artifacts.")
-    task: Task = Field(default_factory=Task)
-    prompts: Prompts = Field(default_factory=Prompts)
-    teachers: list[Teacher] = Field(default_factory=offline_teacher, min_length=1)
+    task: Task = Field(default_factory=Task, description="Step 1: what the student must do and the quality bar.")
+    prompts: Prompts = Field(default_factory=Prompts, description="Step 2: the prompt set drawn from the logs.")
+    teachers: list[Teacher] = Field(
+        default_factory=offline_teacher, min_length=1, description="Step 3: the teacher LLMs; the first is the "
+        "reference (eval's targets), and the serve fallback unless serve.teacher names another. Default: SmolLM2 "
+        "run locally (launch: smollm2).")
     budget_usd: float | None = Field(None, gt=0, description="Generation stops cleanly before exceeding this.")
-    generate: Generate = Field(default_factory=Generate)
-    filters: list[Filter] = Field(default_factory=list)
+    generate: Generate = Field(default_factory=Generate, description="Step 3: how the teacher calls are run.")
+    filters: list[Filter] = Field(
+        default_factory=list, description="Step 4: checks every teacher answer must pass to be trained on (each "
+        "with its `kind`); none: every answer without an error is kept.")
     students: list[Student] = Field(
         default_factory=lambda: [Student(name="small", base_model="smollm2", layer_drop=LayerDrop(keep_every=3))],
-        min_length=1,
+        min_length=1, description="Step 5: the students to train; default: SmolLM2-135M keeping every third layer and the last.",
     )
-    train: Train = Field(default_factory=Train)
-    eval: Eval = Field(default_factory=Eval)
-    serve: Serve = Field(default_factory=Serve)
-    drift: Drift = Field(default_factory=Drift)
-    flywheel: Flywheel = Field(default_factory=Flywheel)
+    train: Train = Field(default_factory=Train, description="Step 5: how the students are trained.")
+    eval: Eval = Field(default_factory=Eval, description="Step 6: the students against the teacher on the holdout.")
+    serve: Serve = Field(default_factory=Serve, description="Step 7: serving the student behind the teacher.")
+    drift: Drift = Field(default_factory=Drift, description="When served traffic has moved away from the training "
+                         "prompts.")
+    flywheel: Flywheel = Field(default_factory=Flywheel, description="Distilling again from the served traffic.")
 
     def teacher(self, name: str | None = None) -> Teacher:
         """The teacher named `name`; None: the reference teacher (the first in `teachers`).

@@ -77,7 +77,13 @@ class RolloutStage(Strict):
 
 
 class Serve(Strict):
-    mode: RolloutMode = "shadow"
+    """Step 7: the Serve app answering clients with the student, the teacher behind it."""
+
+    mode: RolloutMode = Field(
+        "shadow", description="The rollout the app starts with (a rollout_plan starts at its first stage instead): "
+        "shadow (the teacher answers, the student answers too in the background and both are logged), canary "
+        "(canary_percent of users get the student) or full (every request goes to the student). "
+        "`distill-ray rollout` changes it live.")
     engine: Engine = Field(default_factory=Engine, description="The engine of each student replica.")
     canary_percent: CanaryPercent = 5
     min_confidence: MinConfidence | Literal["recommended"] = Field(
@@ -117,20 +123,23 @@ class Serve(Strict):
     breaker_failures: int = Field(
         5, ge=1, description="Consecutive student errors or timeouts after which the router stops calling the student "
         "for breaker_cooldown_s (fallback reason 'student_unavailable'), then tries one request again.")
-    breaker_cooldown_s: float = Field(5.0, gt=0)
+    breaker_cooldown_s: float = Field(
+        5.0, gt=0, description="Seconds the router stays off the student once breaker_failures opened the breaker.")
     student: str | None = Field(None, description="Student name to serve; default: the best that passed eval.")
     student_adapter: bool = Field(
         False, description="For a LoRA student (students[].lora) on vLLM: serve its base (`init/`) with the adapter "
         "(`best/adapter/`, vLLM's LoRA) instead of the merged export; answers are the same, and one base can carry "
         "several adapters.")
     teacher: str | None = Field(None, description="Teacher name to fall back to; default: the first.")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address Ray Serve's HTTP proxy listens on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of Ray Serve's HTTP proxy.")
     auth_token_env: str | None = Field("DISTILL_SERVE_TOKEN", description="Env var holding the bearer token.")
-    max_request_bytes: int = Field(65536, ge=1024)
+    max_request_bytes: int = Field(65536, ge=1024, description="Largest request body; a larger one is refused (413).")
     num_replicas: int | Literal["auto"] = Field(1, description="Student replicas, or 'auto' for autoscaling.")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
+    min_replicas: int = Field(1, ge=0, description="num_replicas 'auto': the fewest student replicas the autoscaler "
+                              "keeps.")
+    max_replicas: int = Field(4, ge=1, description="num_replicas 'auto': the most student replicas the autoscaler "
+                              "starts (it aims at 8 requests in flight per replica).")
     log_batch_size: int = Field(64, ge=1, description="Request log lines written per batch (at most).")
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="At most this many student replicas per node (1: every replica on another node, so "
@@ -150,10 +159,16 @@ class Serve(Strict):
 
 
 class Drift(Strict):
+    """`distill-ray drift`: whether the served traffic still looks like what the student was trained on.
+    A threshold crossed makes the verdict `drift`, with that check as a reason."""
+
     max_category_psi: float = Field(0.2, gt=0, description="Population stability index above which the mix drifted.")
     max_length_shift: float = Field(0.25, gt=0, description="Relative change of median prompt length.")
-    max_unseen_token_rate: float = Field(0.05, ge=0, le=1)
-    min_shadow_agreement: float = Field(0.9, ge=0, le=1)
+    max_unseen_token_rate: float = Field(
+        0.05, ge=0, le=1, description="Share of the served prompts' words that never appear in the training prompts.")
+    min_shadow_agreement: float = Field(
+        0.9, ge=0, le=1, description="Mean agreement of the student's shadow answers with the teacher's, per slice "
+        "(slices with at least 5 shadow requests).")
 
 
 class Flywheel(Strict):

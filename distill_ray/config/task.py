@@ -48,7 +48,7 @@ class Task(Strict):
     metric_pattern: str | None = Field(
         None, description="For metric 'regex': the answer is correct when it matches this pattern (re.search)."
     )
-    bar: Bar = Field(default_factory=Bar)
+    bar: Bar = Field(default_factory=Bar, description="The quality bar eval gates the students on.")
 
     @property
     def string_metric(self) -> str:

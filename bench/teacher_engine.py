@@ -34,9 +34,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distill_ray.chat import teacher_messages  # noqa: E402
 from distill_ray.config import load_config  # noqa: E402
 from distill_ray.config.schema import Engine, Teacher  # noqa: E402
-from distill_ray.teacher.generate import teacher_messages  # noqa: E402
 from distill_ray.teacher.launch import Launched  # noqa: E402
 
 CONFIG = ROOT / "jobs/configs/support_orders.yaml"

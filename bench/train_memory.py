@@ -153,7 +153,7 @@ def rank_main(bundle: str, out_dir: str) -> None:
     import transformers  # noqa: F401
 
     from distill_ray.train import loop, runtime
-    from distill_ray.train.data import answer_window
+    from distill_ray.train.kd import answer_window
     from distill_ray.train.standalone import run_bundle
 
     marks["imports"] = _status()
@@ -237,8 +237,9 @@ def baseline_main(out: str) -> None:
 # -------------------------------------------------------------------------------------------------- cases
 
 def example_rows(tokenizer, limit: int) -> list[dict]:
+    from distill_ray.chat import student_messages
     from distill_ray.config.schema import Task
-    from distill_ray.train.data import student_messages, tokenize
+    from distill_ray.train.data import tokenize
 
     task = Task(instructions=INSTRUCTIONS, metric="normalized_match")
     rows = []
@@ -260,20 +261,19 @@ def write_case(folder: Path, case: str, rows: list[dict]) -> None:
     from distill_ray.config.schema import DeepSpeed, Train
     from distill_ray.models import model_folder
     from distill_ray.train.deepspeed_config import deepspeed_config
+    from distill_ray.train.settings import LoopSettings
     from distill_ray.train.standalone import write_bundle
 
     world, stage = int(case[0]), int(case.split("-z")[1][0])
     train = Train(deepspeed=DeepSpeed(zero_stage=stage), learning_rate=2e-4, num_workers=world)
-    cfg = {"name": "mem", "seed": 0, "use_gpu": False, "init_uri": model_folder("smollm2"),
-           "workdir": str(folder / "work"), "out_parts": ["students", "mem"], "zero_stage": stage,
-           "micro_batch": MICRO, "total_steps": STEPS,
-           "deepspeed": deepspeed_config(train, micro_batch=MICRO, world_size=world, total_steps=STEPS),
-           "eval_every_steps": STEPS, "early_stopping_patience": 0, "kd_weight": 0.0, "holdout_tokens": rows[-8:],
-           "eval_prompts": [], "metric": {"name": "normalized_match"}, "metric_name": "normalized_match",
-           "max_new_tokens": 8, "global_batch": MICRO * world, "gradient_accumulation_steps": 1,
-           "gradient_checkpointing": "-ckpt" in case, "packing": False, "lora": LORA if "-lora" in case else None}
+    settings = LoopSettings(
+        name="mem", init_uri=model_folder("smollm2"), workdir=str(folder / "work"), out_parts=("students", "mem"),
+        deepspeed=deepspeed_config(train, micro_batch=MICRO, world_size=world, total_steps=STEPS),
+        micro_batch=MICRO, global_batch=MICRO * world, total_steps=STEPS, eval_every_steps=STEPS,
+        holdout_tokens=rows[-8:], eval_prompts=[], metric_name="normalized_match", max_new_tokens=8,
+        gradient_checkpointing="-ckpt" in case, lora=LORA if "-lora" in case else None)
     train_rows = rows[: MICRO * world * STEPS]
-    write_bundle(str(folder), cfg, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train_rows])
+    write_bundle(str(folder), settings, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train_rows])
 
 
 def run_case(folder: Path, case: str) -> list[dict]:

@@ -68,7 +68,7 @@ class Step:
 
 STEPS: dict[str, Step] = {step.name: step for step in (
     Step("prompts", "distill_ray.prompts.step:run_prompts"),
-    Step("generate", "distill_ray.teacher.generate:run_generate", calls_teacher=always),
+    Step("generate", "distill_ray.teacher.step:run_generate", calls_teacher=always),
     Step("filter", "distill_ray.filters.step:run_filter"),
     # The driver of train only coordinates Ray Train's workers (they hold the GPUs).
     Step("train", "distill_ray.train.step:run_train"),

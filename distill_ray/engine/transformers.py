@@ -21,9 +21,9 @@ class TransformersEngine:
     def __init__(self, folder: str, engine: Engine, *, chat_template: str | None = None):
         import torch
 
+        from distill_ray.chat import ensure_chat_template
         from distill_ray.engine.batcher import BatchGenerator
         from distill_ray.models import load_causal_lm
-        from distill_ray.train.data import ensure_chat_template
 
         torch.set_num_threads(max(1, int(os.environ.get("DISTILL_STUDENT_THREADS", engine.num_cpus))))
         dtype = {"auto": torch.bfloat16 if engine.num_gpus else torch.float32, "float32": torch.float32,
@@ -70,7 +70,7 @@ class TransformersEngine:
         self.generator.stop()
 
     def _ids(self, messages: list[dict[str, str]]) -> list[int]:
-        from distill_ray.train.data import prompt_ids
+        from distill_ray.chat import prompt_ids
 
         return prompt_ids(self.tokenizer, messages)
 

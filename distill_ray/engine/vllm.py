@@ -103,7 +103,7 @@ class VllmEngine:
     def __init__(self, folder: str, engine: Engine, *, chat_template: str | None = None, adapter: str | None = None):
         from transformers import AutoTokenizer
 
-        from distill_ray.train.data import ensure_chat_template
+        from distill_ray.chat import ensure_chat_template
 
         os.environ.update(engine_env(engine))
         self.folder, self.settings = folder, engine
@@ -180,7 +180,7 @@ class VllmEngine:
 
     # ------------------------------------------------------------------------------------- helpers
     def _ids(self, messages: list[dict[str, str]]) -> list[int]:
-        from distill_ray.train.data import prompt_ids
+        from distill_ray.chat import prompt_ids
 
         return prompt_ids(self.tokenizer, messages)
 

@@ -71,7 +71,7 @@ class LLMJudge:
 
     def prepare(self, pairs: list[tuple[dict[str, Any], str | None, str | None]]) -> None:
         """Ask the judge about every pair not already judged (and not trivially equal)."""
-        from distill_ray.teacher.generate import ask_teacher
+        from distill_ray.teacher.ask import ask_teacher
 
         work, seen = [], set()
         for row, answer, target in pairs:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from distill_ray.chat import student_messages
 from distill_ray.config.schema import PipelineConfig
 from distill_ray.errors import StepFailed
 from distill_ray.eval.scoring import (
@@ -31,7 +32,6 @@ from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_ma
 from distill_ray.metrics import metric
 from distill_ray.storage import Workdir
 from distill_ray.teacher.errors import MissingInput
-from distill_ray.train.data import student_messages
 
 STEP = "eval"
 

@@ -39,14 +39,15 @@ from typing import Any
 
 import pyarrow as pa
 
+from distill_ray.chat import teacher_messages
 from distill_ray.config.schema import PipelineConfig, Teacher
 from distill_ray.errors import StepFailed
 from distill_ray.flywheel.served import conversation_text, served_prompt
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
 from distill_ray.storage import Workdir
+from distill_ray.teacher.ask import ANSWER_SCHEMA, answer_row, ask_teacher
 from distill_ray.teacher.cache import AnswerCache, answer_key, messages_digest
 from distill_ray.teacher.errors import BudgetReached, MissingInput
-from distill_ray.teacher.generate import ANSWER_SCHEMA, answer_row, ask_teacher, teacher_messages
 
 STEP = "teacher"  # the round's teacher/ artifacts, as generate writes them, so filter, train and eval read them
 LEDGER_STEP = "redistill"  # the spend's name in the ledger

@@ -1,4 +1,5 @@
-"""Training examples from `filtered/`: what the student sees, tokenised with its chat template.
+"""Training examples from `filtered/`: what the student sees (`chat.student_messages`), tokenised with its
+chat template.
 
 The student is trained on the task's instructions (as the system turn) and the prompt, without the
 teacher's few-shot turns: it learns to answer the way a client will call it. The loss covers the
@@ -11,29 +12,18 @@ import json
 import random
 from typing import TYPE_CHECKING, Any
 
-from distill_ray.config.schema import PipelineConfig, Task
+from distill_ray.chat import prompt_ids, student_messages
+from distill_ray.config.schema import PipelineConfig
 from distill_ray.errors import BadInput
 from distill_ray.storage import Workdir
+from distill_ray.train.kd import IGNORE, align_top_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE = -100
-# For tokenizers without a chat template: ChatML, which SmolLM2, Qwen and many others use.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 class TrainDataError(BadInput, ValueError):
     """The training data cannot be built (exit 2)."""
-
-
-def student_messages(task: Task, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
-    """What the student is asked: the task's instructions as the system turn, then the prompt."""
-    messages = [{"role": "system", "content": task.instructions}] if task.instructions else []
-    return messages + [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
 def load_examples(config: PipelineConfig, workdir: Workdir) -> dict[str, list[dict[str, Any]]]:
@@ -67,20 +57,6 @@ def load_examples(config: PipelineConfig, workdir: Workdir) -> dict[str, list[di
     return out
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> None:
-    if template:
-        tokenizer.chat_template = template
-    elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def tokenize(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any], max_seq_len: int,
              kd_cache: dict[str, int | None] | None = None) -> dict[str, Any]:
     """input_ids and labels (prompt masked) of one example, cut to max_seq_len (`truncated` says so).
@@ -92,8 +68,6 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any], max_se
     prompt = prompt_ids(tokenizer, example["messages"])
     aligned = None
     if kd_cache is not None:
-        from distill_ray.train.kd import align_top_logprobs
-
         aligned = align_top_logprobs(tokenizer, example.get("tokens"), example.get("top_logprobs"), kd_cache)
     body = aligned[0] if aligned else tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
     answer = body + [tokenizer.eos_token_id]
@@ -129,7 +103,7 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Left-padded tensors: input_ids, attention_mask, position_ids, labels (and KD targets).
 
     Left padding puts every answer at the end of its row, so the logits the loss needs are the last
-    `answer_window(labels)` positions: the LM head (a large share of a small model's compute, with a
+    `kd.answer_window(labels)` positions: the LM head (a large share of a small model's compute, with a
     50k vocabulary) runs on those only. position_ids count from each row's first real token.
     """
     import torch
@@ -188,12 +162,3 @@ def collate_packed(rows: list[dict[str, Any]]) -> dict[str, Any]:
             offset += len(r["input_ids"])
         batch.update({"kd_ids": kd_ids, "kd_logprobs": kd_lp})
     return batch
-
-
-def answer_window(labels: Any) -> int:
-    """How many trailing positions' logits a left-padded batch needs: from the one before its
-    earliest label to the end (logits at t predict the token at t + 1)."""
-    labelled = (labels != IGNORE).any(0).nonzero()
-    if len(labelled) == 0:
-        return 1
-    return labels.size(1) - int(labelled[0]) + 1

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+IGNORE = -100  # the label of a token the loss skips (a prompt token, padding)
+
 
 def _single_id(tokenizer: PreTrainedTokenizerBase, text: str, cache: dict[str, int | None]) -> int | None:
     if text not in cache:
@@ -51,7 +53,7 @@ def align_top_logprobs(tokenizer: PreTrainedTokenizerBase, teacher_tokens: list[
 def loss_sums(logits: torch.Tensor, targets: torch.Tensor, kd_ids: torch.Tensor | None = None,
               kd_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed losses over aligned predictions: logits [..., V] at the positions that predict `targets`
-    [...] (-100 ignored); kd_ids / kd_logprobs [..., K]: the teacher's top-k for the same target (id -1
+    [...] (IGNORE skipped); kd_ids / kd_logprobs [..., K]: the teacher's top-k for the same target (id -1
     where none). Returns (cross-entropy summed over the targets, KD summed over the positions with
     teacher targets, or None without KD).
 
@@ -63,7 +65,7 @@ def loss_sums(logits: torch.Tensor, targets: torch.Tensor, kd_ids: torch.Tensor 
     import torch.nn.functional as F
 
     flat = logits.reshape(-1, logits.size(-1)).float()
-    ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
+    ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
     if kd_ids is None:
         return ce, None
     ids = kd_ids.reshape(-1, kd_ids.size(-1))
@@ -82,7 +84,7 @@ def loss_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(answer tokens, positions with teacher top-k targets) of a collated batch: what `loss_sums`
     sums over, counted before the forward so that a whole global batch's totals can be all-reduced."""
     labels = batch["labels"]
-    tokens = int((labels[:, 1:] != -100).sum())
+    tokens = int((labels[:, 1:] != IGNORE).sum())
     kd_ids = batch.get("kd_ids")
     kd = int((kd_ids[:, :-1] >= 0).any(-1).sum()) if kd_ids is not None else 0
     return tokens, kd
@@ -99,16 +101,25 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, kd_ids: torch.Tenso
                  weight: float) -> torch.Tensor:
     """(1 - weight) * next-token cross-entropy + weight * top-k KD where targets exist (means over the batch).
 
-    logits [B, T, V]; labels [B, T] (-100 ignored); kd_ids / kd_logprobs [B, T, K]: at position t the
+    logits [B, T, V]; labels [B, T] (IGNORE skipped); kd_ids / kd_logprobs [B, T, K]: at position t the
     teacher's top-k for the token at t + 1 (id -1 where none).
     """
     shift = slice(None, -1)
     use_kd = kd_ids is not None and weight > 0
     ce, kd = loss_sums(logits[:, shift], labels[:, 1:], kd_ids[:, shift] if use_kd else None,
                        kd_logprobs[:, shift] if use_kd else None)
-    tokens = int((labels[:, 1:] != -100).sum())
+    tokens = int((labels[:, 1:] != IGNORE).sum())
     kd_positions = int((kd_ids[:, shift] >= 0).any(-1).sum()) if use_kd else 0
     return combine(ce, kd, weight, tokens, kd_positions)
+
+
+def answer_window(labels: torch.Tensor) -> int:
+    """How many trailing positions' logits a left-padded batch needs: from the one before its
+    earliest label to the end (logits at t predict the token at t + 1)."""
+    labelled = (labels != IGNORE).any(0).nonzero()
+    if len(labelled) == 0:
+        return 1
+    return labels.size(1) - int(labelled[0]) + 1
 
 
 def supports_logits_to_keep(model) -> bool:
@@ -131,8 +142,6 @@ def student_loss(model, batch: dict[str, torch.Tensor], kd_weight: float, window
     with a 50k vocabulary). `norm`: the (answer tokens, KD positions) to divide by, those of the whole
     global batch under gradient accumulation; default this batch's own.
     """
-    from distill_ray.train.data import answer_window
-
     labels = batch["labels"]
     kd_ids, kd_lp = batch.get("kd_ids"), batch.get("kd_logprobs")
     use_kd = kd_ids is not None and kd_weight > 0

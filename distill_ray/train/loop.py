@@ -1,6 +1,7 @@
 """The per-worker training loop: DeepSpeed (ZeRO 0-3) on each rank of a process group.
 
-`run(cfg, runtime)` is the loop; `train_loop(cfg)` is its Ray Train entry (TorchTrainer), and
+`run(settings, runtime)` is the loop (`settings.LoopSettings`); `train_loop(config)` is its Ray Train entry
+(TorchTrainer, the settings as JSON), and
 `distill_ray.train.standalone` runs it in a plain torch.distributed environment without Ray
 (`runtime.py`). Each rank streams its share of the tokenised training set; DeepSpeed shards the
 optimizer state (ZeRO-1), gradients (2) and parameters (3) over the ranks (gloo on CPU, NCCL on GPU).
@@ -43,52 +44,54 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distill_ray.train.data import IGNORE, answer_window, collate, collate_packed
+from distill_ray.train.data import collate, collate_packed
+from distill_ray.train.holdout import score_loss, score_metric
 from distill_ray.train.kd import loss_counts, student_loss, supports_logits_to_keep
 from distill_ray.train.runtime import STATE_FILE, Runtime
+from distill_ray.train.settings import LoopSettings
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train's entry: the loop on this worker, with Ray Train's runtime."""
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's entry: the loop on this worker (`config`: `LoopSettings.to_json()`), with Ray Train's runtime."""
     from distill_ray.train.runtime import RayTrainRuntime
 
-    if not cfg["use_gpu"]:
+    settings = LoopSettings.from_json(config)
+    if not settings.use_gpu:
         # The worker's share of the node: Ray sets OMP_NUM_THREADS to it, but a worker process that imported
         # torch before keeps torch's default (every core), and 2 workers x 2 threads on 2 cores halve each other.
-        torch.set_num_threads(cfg.get("cpu_threads", 1))
-    run(cfg, RayTrainRuntime())
+        torch.set_num_threads(settings.cpu_threads)
+    run(settings, RayTrainRuntime())
 
 
-def run(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
+def run(s: LoopSettings, rt: Runtime) -> dict[str, Any]:
     """Train one student on this rank; returns the loop's final state (the same on every rank)."""
     import deepspeed
 
     from distill_ray.storage import Workdir
 
     _quiet()
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(s.seed)
     rank = rt.rank
-    device = torch.device("cuda", rt.local_rank) if cfg["use_gpu"] else torch.device("cpu")
-    if cfg["use_gpu"]:
+    device = torch.device("cuda", rt.local_rank) if s.use_gpu else torch.device("cpu")
+    if s.use_gpu:
         torch.cuda.set_device(device)
-    zero3 = cfg["zero_stage"] == 3
     deepspeed.init_distributed(verbose=False)  # DeepSpeed's view of the process group (before zero.Init)
-    model, tokenizer, sizes = _load_student(cfg, zero3)
-    if cfg.get("lora"):
+    model, tokenizer, sizes, _hf_ds_config = _load_student(s)  # the config must outlive the run (ZeRO-3)
+    if s.lora:
         from distill_ray.train import lora
 
-        model = lora.wrap(model, cfg["lora"])
-    if cfg.get("gradient_checkpointing"):
+        model = lora.wrap(model, s.lora)
+    if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                         if p.requires_grad], config=cfg["deepspeed"])
+                                                                         if p.requires_grad], config=s.deepspeed)
     nodes: list[Any] = [None] * rt.world_size
     dist.all_gather_object(nodes, rt.node())  # where each rank runs, for the step's summary
-    cfg = {**cfg, "worker_nodes": nodes, **sizes}
+    placement = {"worker_nodes": nodes, **sizes}
 
-    workdir = Workdir(cfg["workdir"])
-    out = tuple(cfg["out_parts"])
+    workdir = Workdir(s.workdir)
+    out = s.out_parts
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [],
              "tokens": 0, "train_seconds": 0.0, "stopped_early": False}
     with rt.restored() as folder:
@@ -97,23 +100,21 @@ def run(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
             with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
                 state = json.load(f)
             if rank == 0:
-                _say(f"train[{cfg['name']}]: resumed at step {state['step']} from the last checkpoint")
+                _say(f"train[{s.name}]: resumed at step {state['step']} from the last checkpoint")
                 _write_history(workdir, out, state)  # as of that checkpoint (a crash may have cut a later eval)
 
     window = supports_logits_to_keep(model)
-    packed = bool(cfg.get("packing"))
-    accumulate = cfg.get("gradient_accumulation_steps", 1)
-    total = cfg["total_steps"]
+    accumulate, total = s.gradient_accumulation_steps, s.total_steps
     pad_id = tokenizer.pad_token_id
     step_tokens = torch.zeros(1, dtype=torch.long)
     loss_sum, loss_steps = 0.0, 0
     while state["step"] < total and not state["stopped_early"]:
         skip = state["batch_in_epoch"]  # micro-batches of this epoch consumed before a restart
         tick = time.perf_counter()
-        for i, micro in enumerate(_steps(rt.epoch(state["epoch"], cfg["micro_batch"]), accumulate)):
+        for i, micro in enumerate(_steps(rt.epoch(state["epoch"], s.micro_batch), accumulate)):
             if i * accumulate < skip:
                 continue
-            batches = [collate_packed(rows) if packed else collate(rows, pad_id) for rows in micro]
+            batches = [collate_packed(rows) if s.packing else collate(rows, pad_id) for rows in micro]
             # Divide by the global batch's answer tokens (and KD positions), then undo DeepSpeed's
             # averaging over micro-batches and ranks: the gradient of one big batch.
             norm = torch.tensor([sum(loss_counts(b)[j] for b in batches) for j in (0, 1)], dtype=torch.float64)
@@ -121,7 +122,7 @@ def run(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
             scale = rt.world_size * accumulate
             for batch in batches:
                 tensors = {k: v.to(device) for k, v in batch.items()}
-                loss = student_loss(engine, tensors, cfg["kd_weight"], window, (float(norm[0]), float(norm[1])))
+                loss = student_loss(engine, tensors, s.kd_weight, window, (float(norm[0]), float(norm[1])))
                 engine.backward(loss * scale)
                 engine.step()
                 loss_sum += float(loss.detach())
@@ -129,12 +130,12 @@ def run(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
             loss_steps += 1
             state["step"] += 1
             state["batch_in_epoch"] = (i + 1) * accumulate
-            if state["step"] % cfg["eval_every_steps"] == 0 or state["step"] == total:
+            if state["step"] % s.eval_every_steps == 0 or state["step"] == total:
                 state["train_seconds"] += time.perf_counter() - tick
                 train_loss = torch.tensor([loss_sum, loss_steps], dtype=torch.float64)
                 dist.all_reduce(train_loss)  # each rank's share of each step's loss, summed: the global loss
-                _evaluate_and_checkpoint(cfg, engine, tokenizer, workdir, out, state,
-                                         float(train_loss[0]) / max(loss_steps, 1), step_tokens, rt, device)
+                _evaluate_and_checkpoint(s, engine, tokenizer, workdir, state, float(train_loss[0]) / max(loss_steps, 1),
+                                         step_tokens, rt, device, placement)
                 loss_sum, loss_steps, step_tokens = 0.0, 0, torch.zeros(1, dtype=torch.long)
                 tick = time.perf_counter()
             if state["step"] >= total or state["stopped_early"]:
@@ -144,7 +145,7 @@ def run(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
             state["batch_in_epoch"] = 0
         state["train_seconds"] += time.perf_counter() - tick
     if rank == 0:
-        _say(f"train[{cfg['name']}]: finished at step {state['step']}" + (" (early stop)" if state["stopped_early"] else ""))
+        _say(f"train[{s.name}]: finished at step {state['step']}" + (" (early stop)" if state["stopped_early"] else ""))
     return state
 
 
@@ -164,25 +165,30 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
-def _load_student(cfg: dict[str, Any], zero3: bool) -> tuple[Any, Any, dict[str, int]]:
+def _load_student(s: LoopSettings) -> tuple[Any, Any, dict[str, int], Any]:
     """The student and its tokenizer. Under ZeRO-3 the model is built inside `deepspeed.zero.Init`
     (transformers does it while an HfDeepSpeedConfig lives): each rank allocates only its partition.
-    Returns the elements of the whole model and those this rank holds."""
+    Also returns the elements of the whole model and those this rank holds, and the HfDeepSpeedConfig
+    (ZeRO-3; None otherwise), which the caller keeps alive."""
     from distill_ray.models import load_causal_lm
 
-    dtype = torch.bfloat16 if cfg["deepspeed"].get("bf16", {}).get("enabled") else torch.float32
+    zero3, hf_ds_config = s.zero_stage == 3, None
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        cfg["_hf_ds_config"] = HfDeepSpeedConfig(cfg["deepspeed"])  # must stay alive while the model loads
-    model, tokenizer = load_causal_lm(cfg["init_uri"], dtype=dtype)
+        hf_ds_config = HfDeepSpeedConfig(s.deepspeed)
+    model, tokenizer = load_causal_lm(s.init_uri, dtype=_dtype(s))
     model.config.use_cache = False
     if zero3:
         whole = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     else:
         whole = held = sum(p.numel() for p in model.parameters())
-    return model, tokenizer, {"model_elements": whole, "model_elements_on_rank": held}
+    return model, tokenizer, {"model_elements": whole, "model_elements_on_rank": held}, hf_ds_config
+
+
+def _dtype(s: LoopSettings) -> torch.dtype:
+    return torch.bfloat16 if s.deepspeed.get("bf16", {}).get("enabled") else torch.float32
 
 
 def _say(line: str) -> None:
@@ -209,28 +215,28 @@ def _quiet() -> None:
         pass
 
 
-def _evaluate_and_checkpoint(cfg, engine, tokenizer, workdir, out, state, train_loss, step_tokens, rt: Runtime,
-                             device) -> None:
+def _evaluate_and_checkpoint(s: LoopSettings, engine, tokenizer, workdir, state, train_loss, step_tokens,
+                             rt: Runtime, device, placement: dict[str, Any]) -> None:
     rank = rt.rank
     tokens = step_tokens.clone()
     dist.all_reduce(tokens)  # every rank's tokens, for the throughput
     state["tokens"] += int(tokens)
-    weights = _gather_to_cpu(engine, cfg["zero_stage"])  # every rank takes part; rank 0 gets them
+    weights = _gather_to_cpu(engine, s.zero_stage)  # every rank takes part; rank 0 gets them
     verdict: list[Any] = [None]
     export = tempfile.mkdtemp(prefix="distill-ray-export-") if rank == 0 else None
     try:
         if rank == 0:
             with _zero3_off():  # rank 0 alone builds plain models here (a LoRA host copy): no zero.Init
-                _write_export(engine, weights, tokenizer, cfg, export)
+                _write_export(engine, weights, tokenizer, s, export)
             del weights
-            with _eval_model(engine, cfg, export, device) as model:
-                holdout_loss = _holdout_loss(model, tokenizer, cfg["holdout_tokens"], cfg["micro_batch"] * 2)
-                metric = _holdout_metric(model, tokenizer, cfg["eval_prompts"], cfg["metric"], cfg["max_new_tokens"])
+            with _eval_model(engine, s, export, device) as model:
+                holdout_loss = score_loss(model, tokenizer, s.holdout_tokens, s.micro_batch * 2)
+                metric = score_metric(model, tokenizer, s)
             record = {"step": state["step"], "epoch": state["epoch"], "train_loss": _round(train_loss),
                       "holdout_loss": _round(holdout_loss), "metric": _round(metric),
                       "tokens_per_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": round(time.time(), 3),
-                      **_memory(cfg)}
+                      **_memory(s.use_gpu, placement)}
             score = (metric if metric is not None else 0.0, -holdout_loss)
             improved = state["best"] is None or score > tuple(state["best"])
             verdict = [{"record": record, "improved": improved, "score": list(score)}]
@@ -242,19 +248,19 @@ def _evaluate_and_checkpoint(cfg, engine, tokenizer, workdir, out, state, train_
             state["best"], state["best_step"], state["bad_evals"] = result["score"], state["step"], 0
         else:
             state["bad_evals"] += 1
-        patience = cfg["early_stopping_patience"]
+        patience = s.early_stopping_patience
         if patience and state["bad_evals"] >= patience:
             state["stopped_early"] = True
 
         if rank == 0:
             with open(os.path.join(export, "distill_ray_checkpoint.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": state["step"], **record}, f)
-            _upload(export, workdir, (*out, "last"))
+            _upload(export, workdir, (*s.out_parts, "last"))
             if result["improved"]:
-                _upload(export, workdir, (*out, "best"))
-            _write_history(workdir, out, state)
-            _say(f"train[{cfg['name']}]: step {record['step']}/{cfg['total_steps']} train loss {record['train_loss']} "
-                 f"holdout loss {record['holdout_loss']} {cfg['metric_name']} {record['metric']} "
+                _upload(export, workdir, (*s.out_parts, "best"))
+            _write_history(workdir, s.out_parts, state)
+            _say(f"train[{s.name}]: step {record['step']}/{s.total_steps} train loss {record['train_loss']} "
+                 f"holdout loss {record['holdout_loss']} {s.metric_name} {record['metric']} "
                  f"{record['tokens_per_s']} tokens/s" + (" (best so far)" if result["improved"] else ""))
     finally:
         if export:
@@ -267,18 +273,18 @@ def _evaluate_and_checkpoint(cfg, engine, tokenizer, workdir, out, state, train_
                 json.dump(state, f)
         metrics = {**{k: v for k, v in record.items() if v is not None and k not in ("time", "unix_time")},
                    "best_step": state["best_step"], "stopped_early": state["stopped_early"],
-                   "worker_nodes": cfg["worker_nodes"]}
+                   "worker_nodes": placement["worker_nodes"]}
         rt.save(folder, metrics)
 
 
-def _memory(cfg: dict[str, Any]) -> dict[str, Any]:
+def _memory(use_gpu: bool, placement: dict[str, Any]) -> dict[str, Any]:
     """Rank 0's peaks so far: GPU memory allocated (CUDA) and host memory (resident set), and how much of
     the model this rank holds (ZeRO-3: its partition)."""
     import resource
 
     out = {"host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),  # KiB -> GB
-           "model_elements": cfg["model_elements"], "model_elements_on_rank": cfg["model_elements_on_rank"]}
-    if cfg["use_gpu"] and torch.cuda.is_available():
+           **{k: placement[k] for k in ("model_elements", "model_elements_on_rank")}}
+    if use_gpu and torch.cuda.is_available():
         out["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
@@ -299,24 +305,24 @@ def _gather_to_cpu(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _write_export(engine, weights: dict[str, torch.Tensor], tokenizer, cfg: dict[str, Any], folder: str) -> None:
+def _write_export(engine, weights: dict[str, torch.Tensor], tokenizer, s: LoopSettings, folder: str) -> None:
     """The export folder (from_pretrained-loadable) from the gathered CPU weights; a LoRA student's
     weights merged, with its adapter under `adapter/`."""
-    if cfg.get("lora"):
+    if s.lora:
         from distill_ray.train import lora
 
-        lora.export(weights, cfg["init_uri"], cfg["lora"], folder, os.path.join(folder, "adapter"))
+        lora.export(weights, s.init_uri, s.lora, folder, os.path.join(folder, "adapter"))
     else:
         engine.module.save_pretrained(folder, state_dict=weights)
     tokenizer.save_pretrained(folder)
 
 
 @contextlib.contextmanager
-def _eval_model(engine, cfg: dict[str, Any], export: str, device):
+def _eval_model(engine, s: LoopSettings, export: str, device):
     """The model rank 0 evaluates. ZeRO 0-2: its own training module (already whole here), in eval
     mode for the time of the eval. ZeRO-3: the export just written, loaded for the eval and freed
     after (a transient copy, not one kept beside training)."""
-    if cfg["zero_stage"] < 3:
+    if s.zero_stage < 3:
         module = engine.module
         module.eval()
         try:
@@ -326,9 +332,8 @@ def _eval_model(engine, cfg: dict[str, Any], export: str, device):
         return
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if cfg["deepspeed"].get("bf16", {}).get("enabled") else torch.float32
     with _zero3_off():
-        model = AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(export, dtype=_dtype(s)).to(device).eval()
     try:
         yield model
     finally:
@@ -361,44 +366,3 @@ def _upload(local: str, workdir, parts: tuple[str, ...]) -> None:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 4)
-
-
-@torch.no_grad()
-def _holdout_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> float | None:
-    if not rows:
-        return None
-    total, count = 0.0, 0
-    window = supports_logits_to_keep(model)
-    device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], tokenizer.pad_token_id).items()}
-        labels = batch["labels"]
-        keep = answer_window(labels) if window else labels.size(1)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], **({"logits_to_keep": keep} if window else {})).logits
-        logits, labels = logits[:, -keep:-1], labels[:, -keep + 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
-        total += float(loss)
-        count += int((labels != IGNORE).sum())
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def _holdout_metric(model, tokenizer, prompts: list[dict[str, Any]], metric_name: dict[str, Any],
-                    max_new_tokens: int) -> float | None:
-    from distill_ray.engine.batcher import BatchGenerator, GenerationRequest
-    from distill_ray.metrics import metric
-
-    if not prompts:
-        return None
-    score = metric(metric_name["name"], metric_name.get("pattern"))
-    use_cache = model.config.use_cache
-    model.config.use_cache = True  # training turns it off; generation wants its KV cache
-    try:
-        generator = BatchGenerator(model, tokenizer, max_batch=16)
-        requests = [GenerationRequest(prompt_ids=p["prompt_ids"], max_tokens=max_new_tokens) for p in prompts]
-        answers = [r.text for i in range(0, len(requests), 16) for r in generator.generate(requests[i:i + 16])]
-    finally:
-        model.config.use_cache = use_cache
-    return sum(score(a, p["target"]) for a, p in zip(answers, prompts, strict=True)) / len(prompts)

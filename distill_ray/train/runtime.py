@@ -1,6 +1,6 @@
 """Where the training loop runs: the seam between `loop.run` and what starts it.
 
-`loop.run(cfg, runtime)` needs five things from its surroundings: its rank and the world's size, its
+`loop.run(settings, runtime)` needs five things from its surroundings: its rank and the world's size, its
 share of the training rows, the checkpoint to resume from, a way to save a checkpoint, and the node it
 runs on. Two runtimes give them:
 

@@ -3,9 +3,9 @@
     python -m distill_ray.train.standalone BUNDLE                            # one process
     torchrun --nproc-per-node 8 -m distill_ray.train.standalone BUNDLE      # 8 ranks on this node
 
-BUNDLE is a folder with `loop.json` (the loop's settings, as `distill-ray train CONFIG --bundle BUNDLE`
-writes them for each student: model, DeepSpeed config, steps, holdout, eval sample) and `train.jsonl` (the
-tokenised training rows). The loop is the one Ray Train runs (`loop.run`); only its surroundings differ
+BUNDLE is a folder with `loop.json` (the loop's settings, `settings.LoopSettings` as JSON, as `distill-ray
+train CONFIG --bundle BUNDLE` writes them for each student: model, DeepSpeed config, steps, holdout, eval
+sample) and `train.jsonl` (the tokenised training rows). The loop is the one Ray Train runs (`loop.run`); only its surroundings differ
 (`runtime.TorchRuntime`): the process group comes from torch.distributed's environment, checkpoints go
 to `BUNDLE/checkpoints/` (resumed from when present), exports and metrics to the workdir in loop.json.
 Nothing here imports Ray: this is how the loop runs on a machine that has torch, transformers and
@@ -20,6 +20,8 @@ import os
 import socket
 import sys
 from typing import Any
+
+from distill_ray.train.settings import LoopSettings, LoopSettingsError
 
 
 def _single_process_env() -> None:
@@ -38,23 +40,37 @@ def run_bundle(bundle: str, checkpoint_dir: str | None = None) -> dict[str, Any]
     from distill_ray.train.loop import run
     from distill_ray.train.runtime import TorchRuntime
 
+    settings = read_settings(bundle)
     _single_process_env()
-    with open(os.path.join(bundle, "loop.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
     runtime = TorchRuntime(os.path.join(bundle, "train.jsonl"), checkpoint_dir or os.path.join(bundle, "checkpoints"),
-                           seed=cfg["seed"], accumulate=cfg.get("gradient_accumulation_steps", 1))
-    if runtime.world_size * cfg["micro_batch"] * cfg.get("gradient_accumulation_steps", 1) != cfg["global_batch"]:
-        sys.stderr.write(f"note: loop.json was planned for a global batch of {cfg['global_batch']}; with "
-                         f"{runtime.world_size} ranks it is {runtime.world_size * cfg['micro_batch']} x "
-                         f"{cfg.get('gradient_accumulation_steps', 1)}\n")
-    return run(cfg, runtime)
+                           seed=settings.seed, accumulate=settings.gradient_accumulation_steps)
+    accumulate = settings.gradient_accumulation_steps
+    if runtime.world_size * settings.micro_batch * accumulate != settings.global_batch:
+        sys.stderr.write(f"note: loop.json was planned for a global batch of {settings.global_batch}; with "
+                         f"{runtime.world_size} ranks it is {runtime.world_size * settings.micro_batch} x {accumulate}\n")
+    return run(settings, runtime)
 
 
-def write_bundle(folder: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def read_settings(bundle: str) -> LoopSettings:
+    """The bundle's loop.json.
+
+    Raises:
+        LoopSettingsError: not JSON, or not a student's loop settings (the file and key named).
+    """
+    path = os.path.join(bundle, "loop.json")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise LoopSettingsError(f"{path}: not JSON ({exc})") from exc
+    return LoopSettings.from_json(data, where=path)
+
+
+def write_bundle(folder: str, settings: LoopSettings, rows: list[dict[str, Any]]) -> None:
     """`loop.json` and `train.jsonl` for `run_bundle`."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "loop.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f)
+        json.dump(settings.to_json(), f)
     with open(os.path.join(folder, "train.jsonl"), "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -68,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.bundle, "loop.json")):
         sys.stderr.write(f"error: {args.bundle}: no loop.json (write one with `distill-ray train CONFIG --bundle DIR`)\n")
+        return 2
+    try:
+        read_settings(args.bundle)  # a bad loop.json stops here, before a process group starts
+    except LoopSettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     state = run_bundle(args.bundle, args.checkpoint_dir)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -23,6 +23,7 @@ from distill_ray.storage import Workdir, filesystem_for
 from distill_ray.teacher.errors import MissingInput
 from distill_ray.train.data import TrainDataError, bucketed, load_examples, tokenize
 from distill_ray.train.deepspeed_config import deepspeed_config, load_preset
+from distill_ray.train.settings import LoopSettings
 from distill_ray.train.students import prepare_student
 
 HOLDOUT_LOSS_ROWS = 256  # holdout rows scored for loss at each eval
@@ -73,14 +74,14 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
         return manifest
     _start_or_resume(workdir, student.name, record.fingerprint, echo)
     t0 = time.perf_counter()
-    init, data, cfg = _plan(config, student, workdir, examples, echo)
+    init, data, settings = _plan(config, student, workdir, examples, echo)
     echo(f"train[{student.name}]: {len(data['train'])} training rows ({data['truncated']} cut to max_seq_len "
-         f"{config.train.max_seq_len}), {cfg['total_steps']} steps on {config.train.num_workers} workers, "
-         f"ZeRO-{cfg['zero_stage']}, holdout {len(data['holdout'])} rows ({len(data['eval_prompts'])} generated per eval)")
+         f"{config.train.max_seq_len}), {settings.total_steps} steps on {config.train.num_workers} workers, "
+         f"ZeRO-{settings.zero_stage}, holdout {len(data['holdout'])} rows ({len(data['eval_prompts'])} generated per eval)")
     if data["kd_rows"] is not None:
         echo(f"train[{student.name}]: logit distillation on {data['kd_rows']} of {len(data['train'])} rows (teacher "
              "tokens align with the student's); plain SFT on the rest")
-    result = _fit(config, student, workdir, cfg, data["train"])
+    result = _fit(config, student, workdir, settings, data["train"])
     history = [r for r in _read_metrics(workdir, step)]
     best = max(history, key=lambda r: ((r["metric"] if r["metric"] is not None else 0.0), -(r["holdout_loss"] or 0)))
     summary = {"student": student.name, "parameters": init["parameters"], "layers": init["layers"],
@@ -99,7 +100,7 @@ def _train_one(config: PipelineConfig, student: Student, workdir: Workdir, examp
 
 
 def _plan(config: PipelineConfig, student: Student, workdir: Workdir, examples: dict[str, list[dict[str, Any]]],
-          echo: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+          echo: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any], LoopSettings]:
     """The student's starting point, its tokenised data and the loop's settings; every input checked."""
     try:
         init = prepare_student(student, workdir, echo)
@@ -127,10 +128,10 @@ def write_bundles(config: PipelineConfig, folder: str, echo: Callable[[str], Non
     for student in config.students:
         own = config.model_copy(update={"train": config.train_for(student)})
         load_preset(own.train.deepspeed)
-        _, data, cfg = _plan(own, student, workdir, examples, echo)
+        _, data, settings = _plan(own, student, workdir, examples, echo)
         path = os.path.join(folder, student.name)
-        write_bundle(path, cfg, data["train"])
-        echo(f"train[{student.name}]: bundle in {path} ({len(data['train'])} rows, {cfg['total_steps']} steps): "
+        write_bundle(path, settings, data["train"])
+        echo(f"train[{student.name}]: bundle in {path} ({len(data['train'])} rows, {settings.total_steps} steps): "
              f"python -m distill_ray.train.standalone {path}")
         out.append(path)
     return out
@@ -150,7 +151,7 @@ def _tokenizer(uri: str):
 
 
 def _tokenized(config: PipelineConfig, student: Student, tokenizer, examples) -> dict[str, Any]:
-    from distill_ray.train.data import prompt_ids
+    from distill_ray.chat import prompt_ids
 
     limit = config.train.max_seq_len
     prompts = {split: [prompt_ids(tokenizer, e["messages"]) for e in rows] for split, rows in examples.items()}
@@ -172,7 +173,7 @@ def _tokenized(config: PipelineConfig, student: Student, tokenizer, examples) ->
 
 
 def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, init_uri: str,
-                 data: dict[str, Any]) -> dict[str, Any]:
+                 data: dict[str, Any]) -> LoopSettings:
     t = config.train
     world, accumulate = t.num_workers, t.gradient_accumulation_steps
     if t.batch_size < world * accumulate:
@@ -185,22 +186,20 @@ def _loop_config(config: PipelineConfig, student: Student, workdir: Workdir, ini
         raise TrainDataError(f"train.batch_size: {len(data['train'])} training rows are fewer than one global batch "
                              f"({micro} per micro-batch x {accumulate} micro-batches x {world} workers)")
     total = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
-    ds = deepspeed_config(t, micro_batch=micro, world_size=world, total_steps=total, accumulate=accumulate)
-    return {
-        "name": student.name, "seed": t.seed, "use_gpu": t.use_gpu, "cpu_threads": max(1, int(t.cpus_per_worker)),
-        "init_uri": init_uri, "workdir": workdir.uri,
-        "out_parts": ["students", student.name], "deepspeed": ds, "zero_stage": ds["zero_optimization"]["stage"],
-        "micro_batch": micro, "total_steps": total, "eval_every_steps": min(t.eval_every_steps, total),
-        "early_stopping_patience": t.early_stopping_patience, "kd_weight": t.kd_weight, "holdout_tokens": data["holdout"],
-        "eval_prompts": data["eval_prompts"], "metric": {"name": _loop_metric(config), "pattern": config.task.metric_pattern},
-        "metric_name": _loop_metric(config), "max_new_tokens": max(t_.max_tokens for t_ in config.teachers),
-        "global_batch": micro * accumulate * world, "gradient_accumulation_steps": accumulate,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "packing": t.packing, "lora": student.lora.model_dump() if student.lora else None,
-    }
+    return LoopSettings(
+        name=student.name, init_uri=init_uri, workdir=workdir.uri, out_parts=("students", student.name),
+        deepspeed=deepspeed_config(t, micro_batch=micro, world_size=world, total_steps=total, accumulate=accumulate),
+        micro_batch=micro, global_batch=micro * accumulate * world, total_steps=total,
+        eval_every_steps=min(t.eval_every_steps, total), holdout_tokens=data["holdout"],
+        eval_prompts=data["eval_prompts"], metric_name=_loop_metric(config), metric_pattern=config.task.metric_pattern,
+        max_new_tokens=max(teacher.max_tokens for teacher in config.teachers), seed=t.seed, use_gpu=t.use_gpu,
+        cpu_threads=max(1, int(t.cpus_per_worker)), early_stopping_patience=t.early_stopping_patience,
+        kd_weight=t.kd_weight, gradient_accumulation_steps=accumulate, gradient_checkpointing=t.gradient_checkpointing,
+        packing=t.packing, lora=student.lora.model_dump() if student.lora else None,
+    )
 
 
-def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[str, Any],
+def _fit(config: PipelineConfig, student: Student, workdir: Workdir, settings: LoopSettings,
          train_rows: list[dict[str, Any]]) -> dict[str, Any]:
     import ray
     import ray.data
@@ -217,9 +216,9 @@ def _fit(config: PipelineConfig, student: Student, workdir: Workdir, cfg: dict[s
         os.makedirs(path, exist_ok=True)
     # The split coordinator runs in its own actor; its progress bars would flood the driver's log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = ray.data.from_items(bucketed(train_rows, cfg["micro_batch"], t.seed))
+    dataset = ray.data.from_items(bucketed(train_rows, settings.micro_batch, t.seed))
     trainer = TorchTrainer(
-        train_loop, train_loop_config=cfg,
+        train_loop, train_loop_config=settings.to_json(),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),

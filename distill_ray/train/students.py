@@ -13,10 +13,10 @@ from typing import Any
 import pyarrow.fs as pafs
 from transformers import PreTrainedModel
 
+from distill_ray.chat import ensure_chat_template
 from distill_ray.config.schema import LayerDrop, Student
 from distill_ray.models import load_causal_lm
 from distill_ray.storage import Workdir, filesystem_for
-from distill_ray.train.data import ensure_chat_template
 
 
 def kept_layers(total: int, drop: LayerDrop) -> list[int]:

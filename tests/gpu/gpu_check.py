@@ -29,8 +29,9 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def rows_of_the_example(tokenizer, instructions: str, limit: int, max_seq_len: int) -> list[dict]:
+    from distill_ray.chat import student_messages
     from distill_ray.config.schema import Task
-    from distill_ray.train.data import student_messages, tokenize
+    from distill_ray.train.data import tokenize
 
     task = Task(instructions=instructions, metric="normalized_match")
     out = []
@@ -84,6 +85,7 @@ def main() -> int:
 
     from distill_ray.config.schema import DeepSpeed, Train
     from distill_ray.train.deepspeed_config import deepspeed_config
+    from distill_ray.train.settings import LoopSettings
     from distill_ray.train.standalone import run_bundle, write_bundle
 
     gpu = not args.cpu
@@ -107,16 +109,15 @@ def main() -> int:
                       gradient_checkpointing=args.gradient_checkpointing, learning_rate=2e-4)
         ds = deepspeed_config(train, micro_batch=batch, world_size=1, total_steps=steps)
         eval_rows = rows[-32:]
-        cfg = {"name": "gpu-check", "seed": 0, "use_gpu": gpu, "init_uri": str(Path(tmp) / "init"),
-               "workdir": str(Path(tmp) / "work"), "out_parts": ["students", "gpu-check"], "deepspeed": ds,
-               "zero_stage": 3, "micro_batch": batch, "total_steps": steps, "eval_every_steps": steps,
-               "early_stopping_patience": 0, "kd_weight": 0.0, "holdout_tokens": eval_rows,
-               "eval_prompts": [{"prompt_ids": r["input_ids"][: r["prompt_len"]], "target": "NONE"} for r in eval_rows[:8]],
-               "metric": {"name": "normalized_match"}, "metric_name": "normalized_match", "max_new_tokens": 8,
-               "global_batch": batch, "gradient_accumulation_steps": 1,
-               "gradient_checkpointing": args.gradient_checkpointing, "packing": False, "lora": None}
+        settings = LoopSettings(
+            name="gpu-check", init_uri=str(Path(tmp) / "init"), workdir=str(Path(tmp) / "work"),
+            out_parts=("students", "gpu-check"), deepspeed=ds, micro_batch=batch, global_batch=batch,
+            total_steps=steps, eval_every_steps=steps, holdout_tokens=eval_rows,
+            eval_prompts=[{"prompt_ids": r["input_ids"][: r["prompt_len"]], "target": "NONE"} for r in eval_rows[:8]],
+            metric_name="normalized_match", max_new_tokens=8, use_gpu=gpu,
+            gradient_checkpointing=args.gradient_checkpointing)
         bundle = Path(tmp) / "bundle"
-        write_bundle(str(bundle), cfg, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[:-32]])
+        write_bundle(str(bundle), settings, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[:-32]])
         state = run_bundle(str(bundle))
         wall = time.perf_counter() - t0
         record = state["history"][-1]

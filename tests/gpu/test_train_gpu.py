@@ -37,7 +37,7 @@ def filtered_workdir(tmp_path):
     from distill_ray.config import load_config
     from distill_ray.filters.step import run_filter
     from distill_ray.prompts.step import run_prompts
-    from distill_ray.teacher.generate import run_generate
+    from distill_ray.teacher.step import run_generate
     from tests.conftest import ROOT
     from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 

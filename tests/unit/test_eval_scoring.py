@@ -67,7 +67,7 @@ def test_holdout_rows_trust_only_teacher_answers_the_filters_kept(tmp_path):
     from distill_ray.eval.step import holdout_rows
     from distill_ray.manifest import StepRecord, write_manifest
     from distill_ray.storage import Workdir
-    from distill_ray.teacher.generate import ANSWER_SCHEMA
+    from distill_ray.teacher.ask import ANSWER_SCHEMA
 
     def answer(i, completion, reference=None):
         return {"id": f"p{i}", "split": "holdout", "category": "c", "reference": reference, "teacher": "smollm2",

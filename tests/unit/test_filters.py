@@ -12,7 +12,7 @@ from distill_ray.filters.verifiers import FilterError
 from distill_ray.manifest import StepRecord, write_manifest
 from distill_ray.metrics import json_match, normalized_match, token_f1
 from distill_ray.storage import Workdir
-from distill_ray.teacher.generate import ANSWER_SCHEMA
+from distill_ray.teacher.ask import ANSWER_SCHEMA
 
 
 def test_metrics():

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from distill_ray.config.schema import DeepSpeed, Train
 from distill_ray.train.data import tokenize
 from distill_ray.train.deepspeed_config import deepspeed_config
+from distill_ray.train.settings import LoopSettings
 from distill_ray.train.standalone import write_bundle
 from tests.conftest import ROOT
 from tests.integration.test_offline_teacher import tiny_tokenizer
@@ -62,16 +63,14 @@ def _bundle(folder: Path, init: Path, rows: list[dict], *, stage: int = 2, micro
             lora: dict | None = None) -> Path:
     train = Train(deepspeed=DeepSpeed(zero_stage=stage), learning_rate=3e-3, num_workers=world,
                   gradient_accumulation_steps=accumulate)
-    cfg = {"name": "t", "seed": 0, "use_gpu": False, "init_uri": str(init), "workdir": str(folder / "work"),
-           "out_parts": ["students", "t"], "zero_stage": stage, "micro_batch": micro, "total_steps": steps,
-           "deepspeed": deepspeed_config(train, micro_batch=micro, world_size=world, total_steps=steps,
-                                         accumulate=accumulate),
-           "eval_every_steps": 1 if stage < 3 else 2, "early_stopping_patience": 0, "kd_weight": 0.0,
-           "holdout_tokens": rows[:8], "eval_prompts": [], "metric": {"name": "normalized_match"},
-           "metric_name": "normalized_match", "max_new_tokens": 8, "global_batch": micro * accumulate * world,
-           "gradient_accumulation_steps": accumulate, "gradient_checkpointing": checkpointing, "packing": packing,
-           "lora": lora}
-    write_bundle(str(folder), cfg, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    settings = LoopSettings(
+        name="t", init_uri=str(init), workdir=str(folder / "work"), out_parts=("students", "t"),
+        deepspeed=deepspeed_config(train, micro_batch=micro, world_size=world, total_steps=steps, accumulate=accumulate),
+        micro_batch=micro, global_batch=micro * accumulate * world, total_steps=steps,
+        eval_every_steps=1 if stage < 3 else 2, holdout_tokens=rows[:8], eval_prompts=[],
+        metric_name="normalized_match", max_new_tokens=8, gradient_accumulation_steps=accumulate,
+        gradient_checkpointing=checkpointing, packing=packing, lora=lora)
+    write_bundle(str(folder), settings, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     return folder
 
 

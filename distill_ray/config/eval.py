@@ -9,6 +9,9 @@ from distill_ray.config.teachers import Engine
 
 
 class Eval(Strict):
+    """Step 6: each student answers the holdout (on `engine`) and is measured against the reference teacher
+    (quality per slice, latency, cost), then gated on task.bar."""
+
     batch_size: int = Field(8, ge=1, description="Batch size for throughput (the one serving will use).")
     num_workers: int = Field(2, ge=1, description="Ray Data actors answering the holdout, one engine each.")
     latency_samples: int = Field(32, ge=1, description="Requests timed at batch 1 for p50/p95.")

@@ -194,8 +194,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     for text_override in overrides:
         try:
             parts, value = parse_override(text_override)
-            if parts[0] not in data and parts[0] in PipelineConfig.model_fields and len(parts) > 1:
-                # Override inside a section the file leaves to its defaults (e.g. teachers.0.model).
+            if parts[0] not in data and parts[0] in PipelineConfig.model_fields and any(isinstance(p, int) for p in parts):
+                # An item of a list the file leaves to its defaults (e.g. teachers.0.model): the default list.
+                # Only then: a whole default section would hold every default as if the file had set it
+                # (train.deepspeed.preset=zero3 next to the default zero_stage 2 would contradict it).
                 data[parts[0]] = PipelineConfig().model_dump(mode="json", by_alias=True)[parts[0]]
             apply_override(data, parts, value)
             overridden.add(_dotted(parts))

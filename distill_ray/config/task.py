@@ -11,6 +11,8 @@ from distill_ray.config.base import Strict
 
 
 class FewShotTurn(Strict):
+    """One example exchange shown to the teacher before each prompt."""
+
     user: str = Field(description="An example user message.")
     assistant: str = Field(description="The answer the teacher should give to it.")
 

@@ -74,7 +74,7 @@ class DeepSpeed(Strict):
 
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="ZeRO stage: 0 plain data parallel, 1 shards the optimizer state, 2 also the gradients, 3 also "
-        "the weights. Without a preset, the shipped preset zero<stage> is used. With a shipped preset, leave it out "
+        "the weights. Without a preset, the shipped preset of that stage (zero2 for 2) is used. With a shipped preset, leave it out "
         "(it takes the preset's stage) or give the same stage.")
     preset: str | None = Field(
         None, description="A shipped DeepSpeed preset (zero0, zero1, zero2, zero3, zero3-offload) or the path of a "

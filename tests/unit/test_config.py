@@ -163,3 +163,40 @@ def test_engine_keys_default_to_vllm_on_a_laptop_and_refuse_impossible_gpu_setti
     problems = {p.key: (p.line, p.message) for p in _problems(cfg)}
     assert problems["serve.engine"][0] == 2 and "num_gpus" in problems["serve.engine"][1]
     assert problems["eval.engine"][0] == 5 and "accelerator_type 'L4' needs num_gpus > 0" in problems["eval.engine"][1]
+
+
+def test_a_deepspeed_preset_that_contradicts_zero_stage_is_refused_with_what_would_do(tmp_path, capsys):
+    from distill_ray.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workdir: w\ntrain:\n  deepspeed:\n    preset: zero3-offload\n    zero_stage: 2\n")
+    (problem,) = _problems(cfg)
+    assert (problem.key, problem.line) == ("train.deepspeed", 3)
+    assert ("train.deepspeed.preset 'zero3-offload' is ZeRO stage 3, but train.deepspeed.zero_stage is 2: leave "
+            "zero_stage out (the preset sets it) or set it to 3, or pick a stage-2 preset (zero2)") in problem.message
+    assert main(["validate", str(cfg)]) == 2
+    assert "train.deepspeed.zero_stage is 2" in capsys.readouterr().err
+    # a student's own train: is held to the same rule
+    (problem,) = _problems(None, ["students.0.train={deepspeed: {preset: zero1, zero_stage: 3}}"])
+    assert problem.key == "students.small.train"
+    assert "'zero1' is ZeRO stage 1" in problem.message
+    # the preset alone sets the stage; the same stage given twice is fine
+    assert load_config(None, ["train.deepspeed.preset=zero3-offload"]).train.deepspeed.zero_stage == 3
+    assert load_config(None, ["train.deepspeed={preset: zero1, zero_stage: 1}"]).train.deepspeed.zero_stage == 1
+    assert load_config(None, ["train.deepspeed.zero_stage=3"]).train.deepspeed.preset is None
+
+
+def test_each_shared_rule_is_read_from_one_place():
+    config = load_config(None, [
+        "teachers=[{name: a, base_url: 'http://h:1/v1', model: ma, max_tokens: 16}, "
+        "{name: b, base_url: 'http://h:2/v1', model: mb, max_tokens: 8}]", "serve.teacher=b", "task.metric=llm_judge",
+    ])
+    assert (config.reference_teacher.name, config.fallback_teacher.name, config.judge_teacher.name) == ("a", "b", "a")
+    assert config.task.string_metric == "token_f1"
+    assert load_config(None, ["task.metric=json_match"]).task.string_metric == "json_match"
+    from distill_ray.eval.scoring import holdout_target
+
+    untrusted = {"reference": None, "teacher": "42", "trusted": False}
+    assert holdout_target(untrusted) is None  # eval: only an answer the filters kept
+    assert holdout_target(untrusted, trusted_only=False) == "42"  # the replay: any teacher answer
+    assert holdout_target({**untrusted, "reference": "41"}) == "41"

@@ -13,16 +13,18 @@ import json
 import pytest
 import torch
 
-from tests.gpu.test_train_gpu import _has_smollm2, _tiny, filtered_workdir, ray_gpu  # noqa: F401 - fixture
+from tests.helpers.gpu import filtered_workdir
+from tests.helpers.gpu import has_smollm2 as _has_smollm2
+from tests.helpers.gpu import tiny_gpu_student as _tiny
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (vLLM's CUDA build, bf16)")]
 
 
-def test_eval_on_a_gpu_engine(ray_gpu, tmp_path, capsys):  # noqa: F811
+def test_eval_on_a_gpu_engine(ray_gpu, tmp_path, capsys):
     from distill_ray.cli import main
     from distill_ray.models import load_causal_lm
-    from tests.integration.test_train import _config
+    from tests.helpers.steps import train_config as _config
 
     work = filtered_workdir(tmp_path)
 

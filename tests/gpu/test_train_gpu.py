@@ -8,11 +8,13 @@ It prints tokens/s, an MFU estimate and the peak GPU memory of the run, for the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 import torch
+
+from tests.helpers.gpu import filtered_workdir
+from tests.helpers.gpu import has_smollm2 as _has_smollm2
+from tests.helpers.gpu import tiny_gpu_student as _tiny
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16, NCCL, ZeRO-3 on GPUs)")]
@@ -20,43 +22,9 @@ pytestmark = [pytest.mark.gpu,
 GPU_PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
 
 
-@pytest.fixture(scope="module")
-def ray_gpu():
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=min(8, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(), include_dashboard=True,
-             dashboard_host="127.0.0.1", logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
-def filtered_workdir(tmp_path):
-    """prompts -> generate (the scripted teacher) -> filter of the example log, in tmp_path/filtered."""
-    from distill_ray.config import load_config
-    from distill_ray.filters.step import run_filter
-    from distill_ray.prompts.step import run_prompts
-    from distill_ray.teacher.step import run_generate
-    from tests.conftest import ROOT
-    from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-
-    log = tmp_path / "log.jsonl"
-    shutil.copy(ROOT / "jobs" / "data" / "support_orders.jsonl", log)
-    work = tmp_path / "filtered"
-    with FakeTeacher(FakeTeacherConfig()) as teacher:
-        config = load_config(str(ROOT / "jobs" / "configs" / "support_orders.yaml"), [
-            f"workdir={work}", f"prompts.source={log}", "prompts.size=400", f"teachers.0.base_url={teacher.base_url}",
-            "teachers.0.launch=null", "teachers.0.max_concurrency=64"])
-        run_prompts(config, echo=lambda _: None)
-        run_generate(config, echo=lambda _: None)
-    run_filter(config, echo=lambda _: None)
-    return work
-
-
 def test_zero3_bf16_on_gpus(ray_gpu, tmp_path, capsys):
     from distill_ray.cli import main
-    from tests.integration.test_train import _config, student_folder  # noqa: F401
+    from tests.helpers.steps import train_config as _config
 
     work = filtered_workdir(tmp_path)
 
@@ -82,24 +50,3 @@ def test_zero3_bf16_on_gpus(ray_gpu, tmp_path, capsys):
     mfu_text = f"MFU ~{mfu:.2%}" if mfu else "MFU n/a (unknown GPU peak)"
     print(f"\nGPU train: {gpus} x {name}, ZeRO-3 bf16, {params / 1e6:.0f}M params (before layer drop): "
           f"{tokens_per_s:.0f} tokens/s, {mfu_text}, rank 0 peak memory {history[-1].get('gpu_peak_memory_gb')} GiB")
-
-
-def _has_smollm2() -> bool:
-    from distill_ray.models import find_smollm2_wheel
-
-    return find_smollm2_wheel() is not None
-
-
-def _tiny(folder):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.integration.test_offline_teacher import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer

@@ -1,4 +1,5 @@
-"""Real parts for integration tests: a moto S3 server on 127.0.0.1 and one local Ray per session.
+"""Real parts for integration tests: a moto S3 server on 127.0.0.1, one local Ray per session, and the inputs
+several modules share, each built once per session: the prompt set, the filtered set and a tiny student.
 
 The S3 endpoint is put in the environment before Ray starts so that Ray's worker processes
 inherit it, as they would inherit an instance role's settings on a cluster.
@@ -8,11 +9,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
+from pathlib import Path
 
 import boto3
 import pytest
 import ray
+
+from tests.helpers.models import save_tiny_student
+from tests.helpers.net import free_port
+from tests.helpers.steps import build_filtered, build_prompt_set
 
 # The fake teacher's API key, in the environment before Ray starts so that its workers inherit it
 # (as pods get theirs from a Kubernetes secret). Random per session: tests grep for it in outputs.
@@ -30,17 +35,11 @@ os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -70,3 +69,21 @@ def ray_local(s3_endpoint, tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prompt_set(ray_local, tmp_path_factory) -> Path:
+    """A prompt set of N_PROMPTS distinct messages (tests.helpers.steps); tests copy it into their workdir."""
+    return build_prompt_set(tmp_path_factory.mktemp("prompt-set"))
+
+
+@pytest.fixture(scope="session")
+def filtered(ray_local, prompt_set, tmp_path_factory) -> Path:
+    """prompts -> generate (the scripted teacher) -> filter; tests copy it into their own workdir."""
+    return build_filtered(prompt_set, tmp_path_factory.mktemp("filtered") / "run")
+
+
+@pytest.fixture(scope="session")
+def student_folder(tmp_path_factory) -> Path:
+    """A tiny 4-layer student saved as a base model."""
+    return save_tiny_student(tmp_path_factory.mktemp("tiny-student"))

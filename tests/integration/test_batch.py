@@ -23,7 +23,10 @@ from distill_ray.teacher.cache import AnswerCache
 from distill_ray.teacher.client import cost_usd
 from tests.conftest import ROOT
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_generate import KEY_ENV, N_PROMPTS, _answers, _config_file, _workdir, prompt_set  # noqa: F401
+from tests.helpers.steps import KEY_ENV, N_PROMPTS
+from tests.helpers.steps import prompts_workdir as _workdir
+from tests.helpers.steps import read_answers as _answers
+from tests.helpers.steps import teacher_config_file as _config_file
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -7,66 +7,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from distill_ray.cli import main
-from distill_ray.config import load_config
-from distill_ray.prompts.step import run_prompts
 from distill_ray.storage import Workdir
 from tests.conftest import ROOT
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+from tests.helpers.steps import KEY_ENV, N_PROMPTS
+from tests.helpers.steps import prompts_workdir as _workdir
+from tests.helpers.steps import read_answers as _answers
+from tests.helpers.steps import teacher_config_file as _config_file
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
-N_PROMPTS = 40
-
-
-@pytest.fixture(scope="session")
-def prompt_set(tmp_path_factory):
-    """A prompt set of N_PROMPTS distinct messages, built once per session and copied into each test's
-    workdir. Every module that imports this fixture gets its own copy of it from pytest, so the set is
-    built in one place under the session's temp folder and found there by the others."""
-    root = tmp_path_factory.getbasetemp() / "prompt-set"
-    if (root / "run" / "prompts" / "manifest.json").exists():
-        return root / "run"
-    root.mkdir(exist_ok=True)
-    log = root / "log.jsonl"
-    lines = [json.dumps({"text": f"Hi team, order ORD-{100000 + i} ({['blue', 'red', 'green'][i % 3]} {i} units) "
-                                 f"has not arrived after {i + 3} days", "category": ["shipping", "refund"][i % 2]})
-             for i in range(N_PROMPTS)]
-    log.write_text("\n".join(lines) + "\n")
-    run_prompts(load_config(None, [f"workdir={root / 'run'}", f"prompts.source={log}", "prompts.dedupe=exact",
-                                   "prompts.holdout_fraction=0.1"]), echo=lambda _: None)
-    return root / "run"
-
-
-def _workdir(prompt_set: Path, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(prompt_set / "prompts", run / "prompts")
-    return run
-
-
-def _config_file(tmp_path: Path, workdir: Path, base_url: str, **teacher) -> Path:
-    t = {"name": "fake", "base_url": base_url, "model": "fake-teacher", "api_key_env": KEY_ENV,
-         "requests_per_minute": 60000, "max_concurrency": 8, "max_retries": 6, "retry_backoff_s": 0.01,
-         "timeout_s": 2, "max_tokens": 16, "price_per_1m_input_tokens": 1000.0, "price_per_1m_output_tokens": 2000.0,
-         **teacher}
-    config = {"name": "gen-test", "workdir": str(workdir), "teachers": [t],
-              "generate": {"num_workers": 2, "batch_size": 4, "progress_every_s": 1}}
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def _answers(workdir: Path) -> list[dict]:
-    return Workdir(str(workdir)).read_table("teacher", "answers").to_pylist()
 
 
 def test_fault_mix_loses_no_row_and_pays_once(prompt_set, tmp_path, capsys):

@@ -22,8 +22,9 @@ from distill_ray.config import load_config
 from distill_ray.engine.server import group_members
 from distill_ray.teacher.launch import is_up
 from tests.conftest import ROOT
-from tests.integration.test_generate import _answers, _workdir, prompt_set  # noqa: F401 - fixture
-from tests.integration.test_offline_teacher import save_tiny_vllm_folder
+from tests.helpers.models import save_tiny_vllm_folder
+from tests.helpers.steps import prompts_workdir as _workdir
+from tests.helpers.steps import read_answers as _answers
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

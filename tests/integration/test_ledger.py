@@ -20,7 +20,10 @@ from distill_ray.storage import Workdir
 from distill_ray.teacher.ledger import LeaseClient, open_ledger, read_spend
 from tests.conftest import ROOT
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_generate import KEY_ENV, N_PROMPTS, _answers, _config_file, _workdir, prompt_set  # noqa: F401
+from tests.helpers.steps import KEY_ENV, N_PROMPTS
+from tests.helpers.steps import prompts_workdir as _workdir
+from tests.helpers.steps import read_answers as _answers
+from tests.helpers.steps import teacher_config_file as _config_file
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -33,7 +33,7 @@ from distill_ray.storage import Workdir
 from distill_ray.train import lora
 from distill_ray.train.data import collate, tokenize
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
+from tests.helpers.models import tiny_model, tiny_tokenizer
 
 TOKEN_ENV, ADMIN_ENV = "DISTILL_TEST_LORA_TOKEN", "DISTILL_TEST_LORA_ADMIN"
 TOKEN, ADMIN = "test-lora-token-not-a-secret", "test-lora-admin-not-a-secret"  # noqa: S105 - loopback test tokens

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,71 +28,17 @@ import openai
 import pytest
 import torch
 from aiohttp import web
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from distill_ray.config.schema import Engine, Teacher
 from distill_ray.engine.server import group_members, vllm_server_command
 from distill_ray.models import ModelNotFoundError, find_smollm2_wheel, load_causal_lm
 from distill_ray.teacher.launch import Launched, is_up
 from distill_ray.teacher.offline import build_app
+from tests.helpers.models import MESSAGES, SHOTS, SYSTEM, save_tiny_vllm_folder, tiny_model, tiny_tokenizer
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-offline-test"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SYSTEM = {"role": "system", "content": "Extract the order number from the customer's message. Reply with the "
-                                       "order number only, or NONE if the message has no order number."}
-SHOTS = [{"role": "user", "content": "Where is my order ORD-512874?"}, {"role": "assistant", "content": "ORD-512874"}]
-MESSAGES = [SYSTEM, *SHOTS, {"role": "user", "content": "Hi, my parcel ORD-730215 never arrived."}]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = [SYSTEM["content"], SHOTS[0]["content"], "Hi, my parcel never arrived. Refund please! 12345 67890"] * 5
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                        chat_template=CHATML)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def tiny_model(vocab_size: int, eos_id: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    # head_dim 32: vLLM's CPU attention has no kernel for smaller heads
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         initializer_range=0.2,  # peaked logits: greedy choices do not flip on float noise
-                         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_vllm_model(vocab_size: int, eos_id: int) -> LlamaForCausalLM:
-    """A tiny Llama that vLLM's CPU attention runs (head_dim 64: vLLM wants at least 32), with peaked
-    logits (the top two tokens at least 1.4 nats apart on MESSAGES: greedy answers survive bf16)."""
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         initializer_range=1.0, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    return LlamaForCausalLM(config).eval()
-
-
-def save_tiny_vllm_folder(folder: Path) -> Path:
-    """`tiny_vllm_model` and the tiny tokenizer (with its chat template) saved as a model folder."""
-    tokenizer = tiny_tokenizer()
-    tiny_vllm_model(len(tokenizer), tokenizer.eos_token_id).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,13 @@ from distill_ray.config import load_config
 from distill_ray.storage import Workdir
 from distill_ray.teacher.ledger import NAMESPACE, ledger_name, read_spend
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_generate import KEY_ENV, N_PROMPTS, _answers, _config_file, _workdir, prompt_set  # noqa: F401
-from tests.integration.test_serve import ADMIN, ADMIN_ENV, TOKEN, TOKEN_ENV, _free_port, _student
+from tests.helpers.net import free_port as _free_port
+from tests.helpers.serve import ADMIN, ADMIN_ENV, TOKEN, TOKEN_ENV
+from tests.helpers.serve import save_student as _student
+from tests.helpers.steps import KEY_ENV, N_PROMPTS
+from tests.helpers.steps import prompts_workdir as _workdir
+from tests.helpers.steps import read_answers as _answers
+from tests.helpers.steps import teacher_config_file as _config_file
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 # At $1000 / $2000 per 1M input / output tokens a generate answer costs about $0.025 (all 40: $1),

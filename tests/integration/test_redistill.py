@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from distill_ray.chat import teacher_messages
 from distill_ray.cli import main
 from distill_ray.config import load_config
 from distill_ray.config.schema import Prompts, Teacher
@@ -33,9 +32,10 @@ from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, messages_digest
 from distill_ray.teacher.client import cost_usd
 from distill_ray.teacher.errors import MissingInput
+from distill_ray.teacher.generate import teacher_messages
 from distill_ray.teacher.ledger import read_spend
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, prompt_key
-from tests.integration.test_train import save_tiny_student
+from tests.helpers.models import save_tiny_student
 
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
 LEADS = {"shipping": "my parcel is late, order", "refund": "refund please for order",

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import time
 import urllib.request
 import uuid
@@ -19,42 +18,16 @@ import openai
 import pytest
 
 from distill_ray.config import load_config
-from distill_ray.manifest import StepRecord, write_manifest
 from distill_ray.serve.logs import read_logs
 from distill_ray.storage import Workdir
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, answer_order_number, prompt_key
-from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
+from tests.helpers.net import free_port as _free_port
+from tests.helpers.serve import ADMIN, ADMIN_ENV, TOKEN, TOKEN_ENV
+from tests.helpers.serve import save_student as _student
+from tests.helpers.serve import write_eval_result as _eval_result
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-TOKEN_ENV = "DISTILL_TEST_SERVE_TOKEN"
-TOKEN = "test-serve-token-not-a-secret"  # noqa: S105 - a test's own token for its loopback server
-ADMIN_ENV = "DISTILL_TEST_ADMIN_TOKEN"
-ADMIN = "test-admin-token-not-a-secret"  # noqa: S105 - the same, for the control endpoints
 BAD_JSON = "ORD-999999"  # the fake teacher answers this prompt with a body that is not JSON
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _student(workdir: Path) -> None:
-    """A finished (tiny, untrained) student in the workdir, as `distill-ray train` leaves it."""
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(len(tokenizer), tokenizer.eos_token_id)
-    best = workdir / "students" / "mini" / "best"
-    model.save_pretrained(best)
-    tokenizer.save_pretrained(best)
-    write_manifest(Workdir(str(workdir)), StepRecord("students/mini", {}, {}))
-    _eval_result(workdir, passed=True)
-
-
-def _eval_result(workdir: Path, passed: bool) -> None:
-    """eval/metrics.json as `distill-ray eval` leaves it, for the gate the serve app enforces."""
-    result = {"student": "mini", "passed": passed, "parameters": 1000,
-              "quality": {"overall": {"relative_quality": 1.0 if passed else 0.5}}}
-    Workdir(str(workdir)).write_json({"students": {"mini": result}}, "eval", "metrics.json")
 
 
 @pytest.fixture(scope="module")

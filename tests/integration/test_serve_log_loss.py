@@ -17,7 +17,8 @@ from distill_ray.config import load_config
 from distill_ray.serve.logs import read_logs
 from distill_ray.storage import Workdir
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_serve import _free_port, _student
+from tests.helpers.net import free_port as _free_port
+from tests.helpers.serve import save_student as _student
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 TOKEN_ENV = "DISTILL_TEST_LOGLOSS_TOKEN"

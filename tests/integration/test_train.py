@@ -12,83 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from ray.util.state import list_actors
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill_ray.cli import main
-from distill_ray.config import load_config
-from distill_ray.filters.step import run_filter
 from distill_ray.storage import Workdir
-from distill_ray.teacher.generate import run_generate
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_generate import prompt_set  # noqa: F401 - fixture
-from tests.integration.test_offline_teacher import tiny_tokenizer
+from tests.helpers.steps import train_config as _config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def save_tiny_student(folder: Path, heads: int = 4, kv_heads: int = 2) -> Path:
-    """A seeded 4-layer Llama, 64 wide, with the tests' tiny tokenizer, saved as a base model."""
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def student_folder(tmp_path_factory) -> Path:
-    """Built once per session under the session's temp folder (modules that import this fixture get their
-    own copy of it from pytest and find the folder there)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-student"
-    if (folder / "config.json").exists():
-        return folder
-    return save_tiny_student(folder)
-
-
-@pytest.fixture(scope="session")
-def filtered(prompt_set, tmp_path_factory) -> Path:  # noqa: F811
-    """prompts -> generate (scripted teacher: the right order number) -> filter, once per session (found
-    under the session's temp folder like prompt_set); tests copy it into their own workdir."""
-    import shutil
-
-    root = tmp_path_factory.getbasetemp() / "filtered" / "run"
-    if (root / "filtered" / "manifest.json").exists():
-        return root
-    shutil.rmtree(root.parent, ignore_errors=True)
-    shutil.copytree(prompt_set / "prompts", root / "prompts")
-    with FakeTeacher(FakeTeacherConfig()) as teacher:
-        config = load_config(None, [f"workdir={root}", f"teachers.0.base_url={teacher.base_url}",
-                                    "teachers.0.launch=null", "teachers.0.max_tokens=16"])
-        run_generate(config, echo=lambda _: None)
-    run_filter(config, echo=lambda _: None)
-    return root
-
-
-def _config(tmp_path: Path, filtered: Path, student: Path, **train) -> Path:
-    import shutil
-
-    workdir = tmp_path / "run"
-    for step in ("prompts", "teacher", "filtered"):
-        if (filtered / step).exists():
-            shutil.copytree(filtered / step, workdir / step)
-    settings = {"num_workers": 2, "deepspeed": {"zero_stage": 2}, "epochs": 8, "batch_size": 8,
-                "learning_rate": 3e-3, "max_seq_len": 128, "eval_every_steps": 4, "eval_sample_size": 4,
-                "early_stopping_patience": 0, **train}
-    config = {"name": "train-test", "workdir": str(workdir),
-              "task": {"instructions": "Reply with the order number or NONE.", "metric": "normalized_match"},
-              "teachers": [{"name": "smollm2", "base_url": "http://127.0.0.1:9/v1", "model": "fake",
-                            "max_tokens": 8}],
-              "students": [{"name": "mini", "base_model": str(student), "layer_drop": {"keep_every": 2}}],
-              "train": settings}
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(config))
-    return path
 
 
 def _metrics(workdir: Path) -> list[dict]:
@@ -213,14 +144,14 @@ def test_bad_inputs_stop_before_any_worker_starts(filtered, student_folder, tmp_
     assert not (tmp_path / "run" / "students" / "mini" / "ray").exists()
 
 
-def test_logit_distillation_from_a_teacher_with_the_students_tokenizer(prompt_set, student_folder, tmp_path,  # noqa: F811
+def test_logit_distillation_from_a_teacher_with_the_students_tokenizer(prompt_set, student_folder, tmp_path,
                                                                       capsys):
     """The teacher is the offline server running a model with the student's tokenizer, so every
     answer token has the teacher's top-k as targets."""
     import shutil
     import socket
 
-    from tests.integration.test_offline_teacher import tiny_model
+    from tests.helpers.models import tiny_model
 
     teacher_dir = tmp_path / "teacher-model"
     tokenizer = AutoTokenizer.from_pretrained(student_folder)
@@ -281,7 +212,7 @@ def test_zero3_checkpoints_and_exports_go_to_an_s3_workdir(filtered, student_fol
 def test_a_bundle_trains_the_student_without_ray(filtered, student_folder, tmp_path, capsys):
     """`distill-ray train --bundle DIR` writes the loop's settings and rows, starting no worker; the loop then
     runs from them in a process where `import ray` fails, and exports where `distill-ray train` would."""
-    from tests.unit.test_train_loop import _without_ray
+    from tests.helpers.processes import run_without_ray as _without_ray
 
     path = _config(tmp_path, filtered, student_folder, max_steps=2, eval_every_steps=2)
     before = _train_workers()

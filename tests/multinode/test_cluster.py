@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
-from tests.integration.test_offline_teacher import tiny_model, tiny_tokenizer
+from tests.helpers.models import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.multinode
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"

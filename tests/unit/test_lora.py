@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from distill_ray.config.schema import Lora
 from distill_ray.train import lora
 from distill_ray.train.data import TrainDataError
-from tests.integration.test_train import save_tiny_student
+from tests.helpers.models import save_tiny_student
 
 SETTINGS = Lora(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 # fp32 on CPU: a merge (W + alpha/r * B @ A) against the adapter's own path differs in rounding only.

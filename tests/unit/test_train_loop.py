@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +25,10 @@ from distill_ray.train.deepspeed_config import deepspeed_config
 from distill_ray.train.settings import LoopSettings
 from distill_ray.train.standalone import write_bundle
 from tests.conftest import ROOT
-from tests.integration.test_offline_teacher import tiny_tokenizer
+from tests.helpers.models import tiny_tokenizer
+from tests.helpers.processes import run_without_ray as _without_ray
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-NO_RAY = "raise ImportError('ray is blocked here: the training loop must run without it')\n"
 
 
 def _student(folder: Path):
@@ -72,17 +70,6 @@ def _bundle(folder: Path, init: Path, rows: list[dict], *, stage: int = 2, micro
         gradient_checkpointing=checkpointing, packing=packing, lora=lora)
     write_bundle(str(folder), settings, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     return folder
-
-
-def _without_ray(tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
-    blocked = tmp / "no-ray" / "ray"
-    blocked.mkdir(parents=True, exist_ok=True)
-    (blocked / "__init__.py").write_text(NO_RAY)
-    env = {**os.environ, "PYTHONPATH": f"{blocked.parent}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"}
-    env.pop("RANK", None)
-    out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
 
 
 def _history(bundle: Path) -> list[dict]:

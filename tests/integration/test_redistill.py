@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from distill_ray.chat import teacher_messages
 from distill_ray.cli import main
 from distill_ray.config import load_config
 from distill_ray.config.schema import Prompts, Teacher
@@ -32,7 +33,6 @@ from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, messages_digest
 from distill_ray.teacher.client import cost_usd
 from distill_ray.teacher.errors import MissingInput
-from distill_ray.teacher.generate import teacher_messages
 from distill_ray.teacher.ledger import read_spend
 from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, prompt_key
 from tests.helpers.models import save_tiny_student

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from distill_ray.config.schema import DeepSpeed, LayerDrop, Train
-from distill_ray.train.data import IGNORE, answer_window, collate, tokenize
+from distill_ray.train.data import collate, tokenize
 from distill_ray.train.deepspeed_config import deepspeed_config, load_preset
-from distill_ray.train.kd import align_top_logprobs, distill_loss, student_loss, supports_logits_to_keep
+from distill_ray.train.kd import (IGNORE, align_top_logprobs, answer_window, distill_loss, student_loss,
+                                  supports_logits_to_keep)
 from distill_ray.train.students import kept_layers
 from tests.helpers.models import tiny_model, tiny_tokenizer
 
@@ -161,3 +162,51 @@ def test_prefer_references_trains_on_labels_and_brings_back_dropped_rows(tmp_pat
         ("p0", "ORD-1", "teacher"), ("p1", "NONE", "reference"), ("p2", "ORD-2", "reference")]
     assert gold["train"][1]["tokens"] is None  # no teacher tokens to distil from: plain SFT
     assert gold["holdout"] == plain["holdout"] == []  # holdout rows are never trained on, and p4 was dropped
+
+
+def _settings(**changes):
+    from distill_ray.train.settings import LoopSettings
+
+    train = Train(deepspeed=DeepSpeed(zero_stage=3), num_workers=1)
+    base = {"name": "mini", "init_uri": "/models/mini", "workdir": "/work", "out_parts": ("students", "mini"),
+            "deepspeed": deepspeed_config(train, micro_batch=2, world_size=1, total_steps=4), "micro_batch": 2,
+            "global_batch": 2, "total_steps": 4, "eval_every_steps": 2, "holdout_tokens": [], "eval_prompts": [],
+            "metric_name": "normalized_match", "max_new_tokens": 8}
+    return LoopSettings(**{**base, **changes})
+
+
+def test_loop_settings_survive_the_bundles_json_and_bad_ones_are_named(tmp_path):
+    from distill_ray.train.settings import LoopSettings, LoopSettingsError
+    from distill_ray.train.standalone import main, read_settings, write_bundle
+
+    settings = _settings(lora={"rank": 4}, kd_weight=0.5)
+    assert settings.zero_stage == 3  # the DeepSpeed config's own stage: no second copy to contradict it
+    write_bundle(str(tmp_path), settings, [{"input_ids": [1, 2], "labels": [-100, 2]}])
+    assert read_settings(str(tmp_path)) == settings
+    assert LoopSettings.from_json(json.loads(json.dumps(settings.to_json()))) == settings  # Ray Train's config
+
+    data = settings.to_json()
+    for bad, message in (({**data, "zero_stage": 2}, r"unknown keys \['zero_stage'\]"),
+                         ({k: v for k, v in data.items() if k != "total_steps"}, r"missing keys \['total_steps'\]"),
+                         ({**data, "micro_batch": "2"}, "micro_batch: '2' is not an integer"),
+                         ({**data, "lora": []}, "lora: .* is not an object or null")):
+        with pytest.raises(LoopSettingsError, match=message):
+            LoopSettings.from_json(bad)
+    (tmp_path / "loop.json").write_text(json.dumps({**data, "packing": "yes"}))
+    assert main([str(tmp_path)]) == 2  # refused before any process group starts
+
+
+def test_teacher_and_student_messages():
+    from distill_ray.chat import few_shot_turns, strip_few_shot, student_messages, teacher_messages
+    from distill_ray.config.schema import Task
+
+    task = Task(instructions="Reply with the order number.", metric="normalized_match",
+                few_shot=[{"user": "where is ORD-1?", "assistant": "ORD-1"}])
+    prompt = [{"role": "user", "content": "parcel ORD-7 late", "name": "ignored"}]
+    system = {"role": "system", "content": "Reply with the order number."}
+    assert teacher_messages(task, prompt) == [system, {"role": "user", "content": "where is ORD-1?"},
+                                              {"role": "assistant", "content": "ORD-1"},
+                                              {"role": "user", "content": "parcel ORD-7 late"}]
+    assert student_messages(task, prompt) == [system, {"role": "user", "content": "parcel ORD-7 late"}]
+    # A client that still sends the teacher's prompt: the student gets its own.
+    assert strip_few_shot(teacher_messages(task, prompt), few_shot_turns(task)) == student_messages(task, prompt)

@@ -18,12 +18,13 @@ from typing import Any
 import ray
 from ray import serve
 
+from distill_ray.chat import strip_few_shot
 from distill_ray.config.schema import Rollout
 from distill_ray.openai_api import SSE_DONE, RequestError, completion_body, sse_chunks, sse_event
 from distill_ray.serve.chat_request import ORIGIN, REQUEST_ID, authorize, parse_chat_request, read_body
 from distill_ray.serve.control import POLL_S, RolloutClient
 from distill_ray.serve.metrics import GAUGE_EVERY_S, Metrics, Stats
-from distill_ray.serve.routing import Routing, strip_few_shot
+from distill_ray.serve.routing import Routing
 
 
 @serve.deployment(name="router", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1000)

@@ -10,26 +10,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from distill_ray.chat import few_shot_turns, strip_few_shot
 from distill_ray.config.schema import PipelineConfig, Rollout
 from distill_ray.openai_api import RequestError
 from distill_ray.serve.control import RolloutClient
 from distill_ray.serve.metrics import Metrics, Stats
 from distill_ray.serve.policy import Breaker, fallback_reason, student_answers
 from distill_ray.serve.teacher import TeacherCaller
-
-
-def strip_few_shot(messages: list[dict[str, str]], few_shot: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The conversation without the task's few-shot turns, where a client still sends them (as it
-    did to the teacher): the student was trained without them and answers from the message alone."""
-    n = len(few_shot)
-    if not n:
-        return messages
-    for start in range(len(messages) - n + 1):
-        if messages[start:start + n] == few_shot:
-            return messages[:start] + messages[start + n:]
-    return messages
-
-
 
 
 class Routing:
@@ -47,8 +34,7 @@ class Routing:
         self.judge_tokens = s.stream_judge_tokens
         self.salt = config.name
         self.agreement = metric(config.task.string_metric, config.task.metric_pattern)
-        self.few_shot = [m for t in config.task.few_shot for m in ({"role": "user", "content": t.user},
-                                                                    {"role": "assistant", "content": t.assistant})]
+        self.few_shot = few_shot_turns(config.task)
         self.background: set[asyncio.Task] = set()
 
     async def answer(self, body, rollout: Rollout, user_key: str, category: str, max_tokens: int, temperature: float,

@@ -35,7 +35,7 @@ def test_modes_and_fallback_reasons():
 
 
 def test_the_student_gets_the_conversation_without_the_few_shot_turns():
-    from distill_ray.serve.routing import strip_few_shot
+    from distill_ray.chat import strip_few_shot
 
     shots = [{"role": "user", "content": "Where is ORD-1?"}, {"role": "assistant", "content": "ORD-1"}]
     system = {"role": "system", "content": "Extract the order number."}

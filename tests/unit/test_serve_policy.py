@@ -65,3 +65,14 @@ def test_breaker_opens_after_consecutive_failures_and_retries_one_request_after_
     assert breaker.allow()
     breaker.record(ok=True)
     assert breaker.state == "closed" and breaker.allow() and breaker.allow()
+
+
+def test_the_app_starts_with_the_rollout_serve_configures():
+    from distill_ray.config.schema import Serve
+    from distill_ray.serve.deployment import configured_rollout
+
+    s = Serve(mode="canary", canary_percent=25, min_confidence=-0.5, latency_budget_ms=900)
+    assert configured_rollout(s) == Rollout(mode="canary", canary_percent=25.0, min_confidence=-0.5,
+                                            latency_budget_ms=900.0)
+    assert configured_rollout(Serve()).model_dump() == {k: float(v) if k != "mode" else v for k, v in
+                                                        Serve().model_dump(include=set(Rollout.model_fields)).items()}

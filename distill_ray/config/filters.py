@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from distill_ray.config.base import Strict
+from distill_ray.config.base import Regex, Strict
 
 
 class MinMeanLogprobFilter(Strict):
@@ -19,17 +18,8 @@ class MinMeanLogprobFilter(Strict):
 
 class RegexFilter(Strict):
     kind: Literal["regex"] = Field(description="Keep answers that match a regular expression.")
-    pattern: str = Field(description="Python regular expression the completion must match (re.search).")
+    pattern: Regex = Field(description="Python regular expression the completion must match (re.search).")
     invert: bool = Field(False, description="Drop answers that DO match instead.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from exc
-        return value
 
 
 class JsonSchemaFilter(Strict):
@@ -51,21 +41,11 @@ class GroundedFilter(Strict):
     a value from its few-shot examples, or invents one, is dropped)."""
 
     kind: Literal["grounded"] = Field(description="Keep answers whose quoted spans appear in the prompt.")
-    pattern: str | None = Field(
+    pattern: Regex | None = Field(
         None, description="Regular expression for the spans of the answer that must appear in the prompt's user "
                           "turns (default: the whole answer).")
     allow: list[str] = Field(default_factory=list, description="Answers exempt from the check, e.g. [NONE].")
     ignore_case: bool = Field(True, description="Compare case-insensitively.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
-        return value
 
 
 class AgreementFilter(Strict):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from distill_ray.config.base import Strict
+from distill_ray.config.base import Regex, Strict
 
 
 class FewShotTurn(Strict):
@@ -45,9 +44,10 @@ class Task(Strict):
     metric: Literal["exact_match", "normalized_match", "json_match", "token_f1", "regex", "llm_judge"] = Field(
         "exact_match", description="How an answer is scored against another (student vs teacher, or vs reference). "
         "'llm_judge' (open-ended tasks): eval asks a teacher (eval.judge_teacher) whether the answer is as good as "
-        "the other, rate limited and cached like generate; training's in-loop check uses token_f1 instead."
+        "the other, rate limited and cached like generate; training's in-loop check, the serve app's shadow agreement "
+        "and the replay use token_f1 instead."
     )
-    metric_pattern: str | None = Field(
+    metric_pattern: Regex | None = Field(
         None, description="For metric 'regex': the answer is correct when it matches this pattern (re.search)."
     )
     bar: Bar = Field(default_factory=Bar, description="The quality bar eval gates the students on.")
@@ -64,10 +64,6 @@ class Task(Strict):
         if self.metric == "regex":
             if not self.metric_pattern:
                 raise ValueError("metric 'regex' needs task.metric_pattern (a Python regular expression)")
-            try:
-                re.compile(self.metric_pattern)
-            except re.error as exc:
-                raise ValueError(f"task.metric_pattern is not a valid regular expression: {exc}") from exc
         return self
 
 

@@ -4,7 +4,7 @@
     .venv/bin/python bench/teacher.py --rpm 600 --seconds 60 --skip-throughput
     .venv/bin/python bench/teacher.py --skip-rate --skip-tokens  # fan-out efficiency only
 
-1. Rate limit. The scripted fake teacher (tests/fakes/openai_server.py, its own process on
+1. Rate limit. The scripted fake teacher (distill_ray.testing.fake_teacher, its own process on
    127.0.0.1) enforces a global R requests per sliding minute with 429 + Retry-After. Then:
    - ours: `distill-ray generate` with 4 workers and `requests_per_minute: R`;
    - baseline: `ray.data.llm`'s HttpRequestProcessorConfig with concurrency 4 and
@@ -43,7 +43,7 @@ from distill_ray.prompts.step import ARTIFACT_SCHEMA  # noqa: E402
 from distill_ray.storage import Workdir  # noqa: E402
 from distill_ray.teacher.client import request_body  # noqa: E402
 from distill_ray.teacher.step import run_generate  # noqa: E402
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig  # noqa: E402
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig  # noqa: E402
 
 
 def _prompt(i: int) -> str:

@@ -1,6 +1,6 @@
 """Benchmark: can the official `openai` client replace our aiohttp `TeacherClient` without losing speed?
 
-Starts the fake OpenAI-compatible teacher (tests/fakes/openai_server.py, its own process, 50 ms latency)
+Starts the fake OpenAI-compatible teacher (distill_ray.testing.fake_teacher, its own process, 50 ms latency)
 and, in this one process, sends N = max(400, in_flight / 0.05 * 3) chat-completion requests at 8, 32 and
 128 requests in flight (an asyncio.Semaphore), each with the body `TeacherClient` sends (model, a system
 prompt and a user message, temperature 0, max_tokens 256, logprobs true, top_logprobs 5), through:
@@ -44,7 +44,7 @@ import openai  # noqa: E402
 
 from distill_ray.config.schema import Teacher  # noqa: E402
 from distill_ray.teacher.client import TeacherClient, parse_body  # noqa: E402
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig  # noqa: E402
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig  # noqa: E402
 
 LATENCY_S = 0.05
 SYSTEM = "You are a customer-support assistant. Answer with the order number only, or NONE."

@@ -31,7 +31,7 @@ from distill_ray.filters.step import run_filter  # noqa: E402
 from distill_ray.prompts.step import run_prompts  # noqa: E402
 from distill_ray.storage import Workdir  # noqa: E402
 from distill_ray.teacher.step import run_generate  # noqa: E402
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig  # noqa: E402
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig  # noqa: E402
 
 EXAMPLE = ROOT / "jobs" / "configs" / "support_orders.yaml"
 

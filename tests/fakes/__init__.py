@@ -1,1 +1,2 @@
-"""Fakes for tests and benchmarks: real servers on 127.0.0.1 that speak the wire formats distill-ray talks to."""
+"""Fakes only the tests use: a scripted LLM judge for the fake teacher (`judge`). The fake teacher itself is
+`distill_ray.testing.fake_teacher`, for users' tests and the benchmarks too."""

@@ -8,8 +8,8 @@ import shutil
 def filtered_workdir(tmp_path):
     """prompts -> generate (the scripted teacher) -> filter of the example log, in tmp_path/filtered."""
     from distill_ray.config import load_config
+    from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
     from tests.conftest import ROOT
-    from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
     from tests.helpers.steps import run_step
 
     log = tmp_path / "log.jsonl"

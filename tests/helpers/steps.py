@@ -10,7 +10,7 @@ from pathlib import Path
 from distill_ray.config import PipelineConfig, load_config
 from distill_ray.steps import STEPS
 from distill_ray.storage import Workdir
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
 N_PROMPTS = 40

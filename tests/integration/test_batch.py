@@ -21,8 +21,8 @@ from distill_ray.storage import Workdir
 from distill_ray.teacher.batch import state_path
 from distill_ray.teacher.cache import AnswerCache
 from distill_ray.teacher.client import cost_usd
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.conftest import ROOT
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 from tests.helpers.steps import KEY_ENV, N_PROMPTS
 from tests.helpers.steps import prompts_workdir as _workdir
 from tests.helpers.steps import read_answers as _answers

@@ -87,8 +87,8 @@ def test_an_untrained_student_fails_the_gate(filtered, vllm_student, tmp_path, c
 def _check_llm_judge(path: Path, config: dict, capsys) -> None:
     """metric llm_judge on the same trained student: the judge's verdicts are the scores, its calls go
     through generate's machinery (rate limited, cached in eval/judge/), and a rerun pays for none."""
+    from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
     from tests.fakes.judge import verdict
-    from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 
     with FakeTeacher(FakeTeacherConfig(answer_fn="tests.fakes.judge:lenient")) as judge:
         config["teachers"][0].update({"base_url": judge.base_url, "requests_per_minute": 600, "max_concurrency": 4})

@@ -16,8 +16,8 @@ import pytest
 
 from distill_ray.cli import main
 from distill_ray.storage import Workdir
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.conftest import ROOT
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 from tests.helpers.steps import KEY_ENV, N_PROMPTS
 from tests.helpers.steps import prompts_workdir as _workdir
 from tests.helpers.steps import read_answers as _answers

@@ -18,8 +18,8 @@ from distill_ray.cli import main
 from distill_ray.config.schema import Teacher
 from distill_ray.storage import Workdir
 from distill_ray.teacher.ledger import LeaseClient, open_ledger, read_spend
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.conftest import ROOT
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 from tests.helpers.steps import KEY_ENV, N_PROMPTS
 from tests.helpers.steps import prompts_workdir as _workdir
 from tests.helpers.steps import read_answers as _answers

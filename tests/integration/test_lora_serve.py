@@ -30,9 +30,9 @@ from distill_ray.config import load_config
 from distill_ray.config.schema import Engine, Lora
 from distill_ray.manifest import StepRecord, write_manifest
 from distill_ray.storage import Workdir
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from distill_ray.train import lora
 from distill_ray.train.data import collate, tokenize
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 from tests.helpers.models import tiny_model, tiny_tokenizer
 
 TOKEN_ENV, ADMIN_ENV = "DISTILL_TEST_LORA_TOKEN", "DISTILL_TEST_LORA_ADMIN"

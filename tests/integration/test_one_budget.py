@@ -20,7 +20,7 @@ from distill_ray.cli import main
 from distill_ray.config import load_config
 from distill_ray.storage import Workdir
 from distill_ray.teacher.ledger import NAMESPACE, ledger_name, read_spend
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.helpers.net import free_port as _free_port
 from tests.helpers.serve import ADMIN, ADMIN_ENV, TOKEN, TOKEN_ENV
 from tests.helpers.serve import save_student as _student

@@ -34,7 +34,7 @@ from distill_ray.teacher.cache import AnswerCache, messages_digest
 from distill_ray.teacher.client import cost_usd
 from distill_ray.teacher.errors import MissingInput
 from distill_ray.teacher.ledger import read_spend
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, prompt_key
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig, prompt_key
 from tests.helpers.models import save_tiny_student
 
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"

@@ -20,7 +20,7 @@ import pytest
 from distill_ray.config import load_config
 from distill_ray.serve.logs import read_logs
 from distill_ray.storage import Workdir
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, answer_order_number, prompt_key
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig, answer_order_number, prompt_key
 from tests.helpers.net import free_port as _free_port
 from tests.helpers.serve import ADMIN, ADMIN_ENV, TOKEN, TOKEN_ENV
 from tests.helpers.serve import save_student as _student

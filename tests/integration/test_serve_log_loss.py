@@ -16,7 +16,7 @@ import ray
 from distill_ray.config import load_config
 from distill_ray.serve.logs import read_logs
 from distill_ray.storage import Workdir
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.helpers.net import free_port as _free_port
 from tests.helpers.serve import save_student as _student
 

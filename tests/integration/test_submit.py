@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from distill_ray.storage import Workdir
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.conftest import ROOT
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
 N_ROWS = 24

@@ -12,7 +12,7 @@ import pytest
 from distill_ray.cli import main
 from distill_ray.config.schema import Teacher
 from distill_ray.teacher.client import cost_usd
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.helpers.steps import KEY_ENV, N_PROMPTS
 from tests.helpers.steps import prompts_workdir as _workdir
 from tests.helpers.steps import read_answers as _answers

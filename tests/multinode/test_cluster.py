@@ -22,8 +22,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig
 from tests.conftest import ROOT
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig
 from tests.helpers.models import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.multinode

@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from tests.fakes.openai_server import FakeTeacher, FakeTeacherConfig, parse_batch_input, prompt_key
+from distill_ray.testing.fake_teacher import FakeTeacher, FakeTeacherConfig, parse_batch_input, prompt_key
 
 API_KEY = "sk-fake-test"
 

@@ -1,7 +1,8 @@
 """Scoring one answer against another (student vs teacher, or either vs a reference).
 
 Shared by the reference_match and agreement filters, training's holdout metric, eval and serving's
-shadow agreement, so every step means the same thing by "the same answer".
+shadow agreement, so every step means the same thing by "the same answer"; and what a held-out answer
+is scored against (`holdout_target`), the same for training's check, eval and the replay.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 _PUNCT = string.punctuation + "“”‘’«»…"
 
@@ -65,3 +67,24 @@ def metric(name: str, pattern: str | None = None) -> Callable[[str | None, str |
             raise ValueError("metric 'regex' needs a pattern")
         return regex_metric(pattern)
     return METRICS[name]
+
+
+def holdout_target(row: dict[str, Any], *, trusted_only: bool = True) -> str | None:
+    """What a held-out answer is scored against: the row's reference (the log's label) where it has one,
+    else the reference teacher's answer. Eval and training's holdout check (`trusted_only`) take the
+    teacher's answer only when the filters kept it (`trusted`): scoring a student against an answer the
+    filters rejected would count its right answers as wrong. The replay takes any teacher answer (it
+    measures agreement with the teacher).
+
+    Args:
+        row: `reference`, `teacher` (the answer, None after an error) and `trusted` (absent: trusted).
+        trusted_only: refuse a teacher answer the filters rejected.
+
+    Returns:
+        The target, or None when the row has none (then it is not scored).
+    """
+    if row.get("reference"):
+        return row["reference"]
+    if trusted_only and not row.get("trusted", True):
+        return None
+    return row["teacher"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distill_ray.config.schema import Bar
+from distill_ray.metrics import holdout_target
 
 
 @dataclass
@@ -31,26 +32,6 @@ class Scored:
     teacher_score: float
     agreement: float
     confidence: float | None
-
-
-def holdout_target(row: dict[str, Any], *, trusted_only: bool = True) -> str | None:
-    """What a held-out answer is scored against: the row's reference (the log's label) where it has one,
-    else the reference teacher's answer. Eval (`trusted_only`) takes the teacher's answer only when the
-    filters kept it (`trusted`): scoring a student against an answer the filters rejected would count its
-    right answers as wrong. The replay takes any teacher answer (it measures agreement with the teacher).
-
-    Args:
-        row: `reference`, `teacher` (the answer, None after an error) and `trusted` (absent: trusted).
-        trusted_only: refuse a teacher answer the filters rejected.
-
-    Returns:
-        The target, or None when the row has none (then it is not scored).
-    """
-    if row.get("reference"):
-        return row["reference"]
-    if trusted_only and not row.get("trusted", True):
-        return None
-    return row["teacher"]
 
 
 def score_rows(rows: list[dict[str, Any]], score: Callable[..., float]) -> list[Scored]:

@@ -21,7 +21,6 @@ from distill_ray.errors import StepFailed
 from distill_ray.eval.scoring import (
     calibration,
     gate,
-    holdout_target,
     pairs_to_score,
     percentile,
     quality,
@@ -29,7 +28,7 @@ from distill_ray.eval.scoring import (
     score_rows,
 )
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
-from distill_ray.metrics import metric
+from distill_ray.metrics import holdout_target, metric
 from distill_ray.storage import Workdir
 from distill_ray.teacher.errors import MissingInput
 

@@ -243,9 +243,9 @@ def score_student(config: PipelineConfig, where: Workdir, checkpoint: str, echo:
     import ray.data
 
     from distill_ray.eval.predict import predict
-    from distill_ray.eval.scoring import holdout_target, pairs_to_score, quality, score_rows
+    from distill_ray.eval.scoring import pairs_to_score, quality, score_rows
     from distill_ray.eval.step import holdout_rows
-    from distill_ray.metrics import metric
+    from distill_ray.metrics import holdout_target, metric
     from distill_ray.ray_env import init_ray
 
     rows = [r for r in holdout_rows(config, where) if r["teacher"] is not None and holdout_target(r) is not None]

@@ -27,7 +27,7 @@ from typing import Any
 from distill_ray.config.schema import PipelineConfig
 from distill_ray.eval.scoring import percentile
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
-from distill_ray.metrics import metric
+from distill_ray.metrics import holdout_target, metric
 from distill_ray.storage import Workdir
 from distill_ray.teacher.errors import MissingInput
 
@@ -95,8 +95,6 @@ def replay_sample(prompts: list[dict[str, Any]], n: int | None) -> list[dict[str
 
 def _targets(workdir: Workdir, config: PipelineConfig) -> dict[str, str]:
     """Per holdout prompt: its target by `holdout_target`'s rule, any reference teacher answer allowed."""
-    from distill_ray.eval.scoring import holdout_target
-
     teacher = config.reference_teacher.name
     out = {}
     for r in workdir.read_table("teacher", "answers").to_pylist():

@@ -18,6 +18,7 @@ from typing import Any
 from distill_ray.config.schema import PipelineConfig, Student
 from distill_ray.errors import StepFailed
 from distill_ray.manifest import StepRecord, read_manifest, up_to_date, write_manifest
+from distill_ray.metrics import holdout_target
 from distill_ray.models import ModelNotFoundError
 from distill_ray.storage import Workdir, filesystem_for
 from distill_ray.teacher.errors import MissingInput
@@ -164,7 +165,8 @@ def _tokenized(config: PipelineConfig, student: Student, tokenizer, examples) ->
     train = [tokenize(tokenizer, e, limit, kd_cache) for e in examples["train"]]
     holdout = [tokenize(tokenizer, e, limit) for e in examples["holdout"][:HOLDOUT_LOSS_ROWS]]
     sample = examples["holdout"][: config.train.eval_sample_size]
-    eval_prompts = [{"prompt_ids": p, "target": e["reference"] if e["reference"] else e["completion"]}
+    # the holdout rows here are kept answers only: trusted
+    eval_prompts = [{"prompt_ids": p, "target": holdout_target({"reference": e["reference"], "teacher": e["completion"]})}
                     for e, p in zip(sample, prompts["holdout"], strict=False)]
     keys = ("input_ids", "labels", "kd") if kd_cache is not None else ("input_ids", "labels")
     return {"train": [{k: t[k] for k in keys} for t in train], "truncated": sum(t["truncated"] for t in train),

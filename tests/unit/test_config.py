@@ -194,7 +194,7 @@ def test_each_shared_rule_is_read_from_one_place():
     assert (config.reference_teacher.name, config.fallback_teacher.name, config.judge_teacher.name) == ("a", "b", "a")
     assert config.task.string_metric == "token_f1"
     assert load_config(None, ["task.metric=json_match"]).task.string_metric == "json_match"
-    from distill_ray.eval.scoring import holdout_target
+    from distill_ray.metrics import holdout_target
 
     untrusted = {"reference": None, "teacher": "42", "trusted": False}
     assert holdout_target(untrusted) is None  # eval: only an answer the filters kept

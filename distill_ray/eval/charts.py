@@ -7,7 +7,7 @@ import html
 import math
 from typing import Any
 
-from distill_ray.eval.decision import percent
+from distill_ray.eval.decision import confidence_decimals, percent
 
 STUDENT, TEACHER, THRESHOLD = "#2b6cb0", "#a0aec0", "#c53030"
 
@@ -18,7 +18,7 @@ def slice_bars(slices: dict[str, Any]) -> str:
     rows = list(slices.items())
     height = row * len(rows) + 56
     axis_y = 10 + row * len(rows)
-    parts = [f'<svg class="slice-bars" width="{left + width + 30}" height="{height}" role="img" '
+    parts = [f'<svg class="slice-bars" width="{left + width + 40}" height="{height}" role="img" '
              'aria-label="mean score per slice, teacher and student" font-family="sans-serif">']
     for i, (name, s) in enumerate(rows):
         y = 10 + i * row
@@ -26,7 +26,8 @@ def slice_bars(slices: dict[str, Any]) -> str:
         for j, (who, color) in enumerate((("teacher", TEACHER), ("student", STUDENT))):
             w = max(0.0, min(1.0, s[who])) * width
             parts.append(f'<rect class="bar-{who}" x="{left}" y="{y + j * 11}" width="{w:.1f}" height="10" '
-                         f'fill="{color}"><title>{html.escape(name)}: {who} {s[who]:.2f}</title></rect>')
+                         f'fill="{color}"><title>{html.escape(name)}: {who} {s[who]:.2f}</title></rect>'
+                         f'<text x="{left + w + 4:.1f}" y="{y + j * 11 + 9}" font-size="9">{s[who]:.2f}</text>')
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + width}" y2="{axis_y}" stroke="#333"/>')
     for tick in (0, 0.25, 0.5, 0.75, 1):
         x = left + tick * width
@@ -78,7 +79,7 @@ def calibration(buckets: list[dict[str, Any]], threshold: dict[str, Any]) -> str
     parts.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#333"/>'
                  f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="#333"/>')
     ticks, decimals = _ticks(lo, hi)
-    shown = max(2, decimals + 1)  # a bucket's or the threshold's confidence: one decimal finer than the ticks
+    shown = confidence_decimals(buckets)  # a bucket's or the threshold's confidence, as the report prints them
     for t in ticks:
         parts.append(f'<line x1="{x(t):.1f}" y1="{h - bottom}" x2="{x(t):.1f}" y2="{h - bottom + 4}" stroke="#333"/>'
                      f'<text x="{x(t):.1f}" y="{h - bottom + 16}" font-size="10" text-anchor="middle">'

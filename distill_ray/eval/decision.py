@@ -95,27 +95,31 @@ def parameters(count: int) -> str:
     return str(count)
 
 
-def threshold_text(threshold: dict[str, Any]) -> str:
+def threshold_text(threshold: dict[str, Any], decimals: int = 2) -> str:
     """The recommended `serve.min_confidence` and the fallback it gives, as a sentence's words."""
     fallback = percent(threshold["served"]["overall"]["fallback_rate"])
     if not threshold["meets_bar"]:
         return f"no threshold meets the bar: {fallback} of requests fall back to the teacher"
     if threshold["min_confidence"] is None:
         return "none needed: the student answers every request"
-    return (f"serve.min_confidence {confidence(threshold['min_confidence'])}: {fallback} of requests fall back "
+    return (f"serve.min_confidence {threshold['min_confidence']:.{decimals}f}: {fallback} of requests fall back "
             "to the teacher")
 
 
-def fallback_text(threshold: dict[str, Any]) -> str:
+def fallback_text(threshold: dict[str, Any], decimals: int = 2) -> str:
     """The fallback rate at the recommended threshold, and that threshold, in a table cell's words."""
     fallback = percent(threshold["served"]["overall"]["fallback_rate"])
     if not threshold["meets_bar"]:
         return f"{fallback} (no threshold meets the bar)"
     if threshold["min_confidence"] is None:
         return f"{fallback} (no threshold needed)"
-    return f"{fallback} (serve.min_confidence {confidence(threshold['min_confidence'])})"
+    return f"{fallback} (serve.min_confidence {threshold['min_confidence']:.{decimals}f})"
 
 
-def confidence(value: float) -> str:
-    """A confidence (mean token logprob, ≤ 0) with two decimals, an ASCII minus: it is copied into YAML."""
-    return f"{value:.2f}"
+def confidence_decimals(buckets: list[dict[str, Any]]) -> int:
+    """Decimals that tell a student's confidences apart (mean token logprobs, printed with an ASCII
+    minus: a threshold is copied into YAML): two, or more where its answers' confidences lie close
+    together (an untrained model's all near -5.43)."""
+    values = [v for b in buckets for v in (b["min_confidence"], b["max_confidence"])]
+    span = (max(values) - min(values)) / 8 if values else 0
+    return max(2, min(6, 1 - math.floor(math.log10(span)))) if span > 0 else 2

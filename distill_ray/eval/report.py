@@ -12,6 +12,7 @@ from typing import Any
 
 from distill_ray.eval.charts import calibration, slice_bars
 from distill_ray.eval.decision import (
+    confidence_decimals,
     fallback_text,
     ms,
     parameters,
@@ -95,7 +96,7 @@ def _decision(report: dict[str, Any], order: list[str], choice: str | None) -> s
     others = "".join(f"<li><b>{_e(n)}</b> fails: {_e('; '.join(shortfalls(students[n])))}</li>" for n in failing)
     return (f'<div class="decision"><p class="decision-line">Ship {_e(choice)}: it meets every item of the bar, '
             f'{_e(which)}.</p><p>{_e(", ".join(why))}. Recommended threshold: '
-            f'{_e(threshold_text(r["threshold"]))}.</p>{f"<ul>{others}</ul>" if others else ""}</div>')
+            f'{_e(threshold_text(r["threshold"], confidence_decimals(r["calibration"])))}.</p>{f"<ul>{others}</ul>" if others else ""}</div>')
 
 
 def _side_by_side(report: dict[str, Any], order: list[str], choice: str | None) -> str:
@@ -121,7 +122,7 @@ def _side_by_side(report: dict[str, Any], order: list[str], choice: str | None) 
         + [_failed(students[n], "max_cost_per_1k_requests_usd", usd(students[n]["cost_per_1k_requests_usd"]))
            for n in order],
         ["<th>fallback to the teacher at the recommended threshold</th>", "–"]
-        + [_e(fallback_text(students[n]["threshold"])) for n in order],
+        + [_e(fallback_text(students[n]["threshold"], confidence_decimals(students[n]["calibration"]))) for n in order],
     ]
     return _table("side-by-side", ["", "teacher"] + [_e(n) for n in order], rows) + (
         '<p class="muted">The teacher\'s p95 is its latency during generate\'s bulk calls (queueing included), its cost '
@@ -139,6 +140,7 @@ def _worst_cell(result: dict[str, Any], bar: dict[str, Any]) -> str:
 def _student(name: str, report: dict[str, Any], disagreements: list[dict[str, Any]], choice: str | None) -> str:
     r = report["students"][name]
     q, t, latency = r["quality"], r["threshold"], r["latency"]
+    decimals = confidence_decimals(r["calibration"])
     slice_rows = [[_e(s), f'<td class="num">{v["rows"]}</td>', f'<td class="num">{v["student"]:.2f}</td>',
                    f'<td class="num">{v["teacher"]:.2f}</td>',
                    _failed(r, f"min_slice_relative_quality[{s}]", f"{v['relative_quality']:.2f}"),
@@ -151,7 +153,7 @@ def _student(name: str, report: dict[str, Any], disagreements: list[dict[str, An
                   key=lambda d: (d["student_score"] - d["teacher_score"], -(d["confidence"] or float("-inf")), d["id"]))
     served = t["min_confidence"] if t["meets_bar"] else None
     worst_rows = [[_e(d["category"]), _text(d.get("prompt")), _text(d["student_answer"]), _text(d["teacher_answer"]),
-                   f'<td class="num">{d["confidence"]:.2f}</td>' if d["confidence"] is not None else "–",
+                   f'<td class="num">{d["confidence"]:.{decimals}f}</td>' if d["confidence"] is not None else "–",
                    _who_answers(d["confidence"], served, t["meets_bar"])] for d in mine[:WORST_SHOWN]]
     more = len(mine) - len(worst_rows)
     return f"""
@@ -164,7 +166,7 @@ def _student(name: str, report: dict[str, Any], disagreements: list[dict[str, An
 <h3>Per slice</h3>{slice_bars(q['slices'])}
 {_table('slices', ['slice', 'rows', 'student', 'teacher', 'relative', 'agreement'], slice_rows)}
 <h3>Calibration and the recommended threshold</h3>{calibration(r['calibration'], t)}
-<p>Recommended threshold: {_e(threshold_text(t))}; the served mix's relative quality on the holdout:
+<p>Recommended threshold: {_e(threshold_text(t, decimals))}; the served mix's relative quality on the holdout:
 {t['served']['overall']['relative_quality']:.2f}.</p>
 <h3>Latency and cost</h3>
 {_table('latency', ['', name], [

@@ -163,3 +163,17 @@ def test_the_smallest_passing_student_ships_as_serve_picks_it():
     assert ship_choice({"big": big, "small": SMALL, "tiny": TINY}) == "small"
     assert ship_choice({"tiny": TINY}) is None
     assert [usd(v) for v in (0.000118, 0.00834, 0.4652, 1.5, 0)] == ["$0.00012", "$0.0083", "$0.47", "$1.50", "$0.00"]
+
+
+def test_close_confidences_are_printed_apart():
+    """An untrained student's confidences all lie near -5.43: two decimals would print the threshold
+    and every row as -5.42, served and falling back alike."""
+    close = [{"min_confidence": -5.4564 + i * 0.008, "max_confidence": -5.4515 + i * 0.008, "rows": 2,
+              "agreement": 0.0, "student_score": 0.0} for i in range(5)]
+    student = {**SMALL, "calibration": close,
+               "threshold": {**SMALL["threshold"], "min_confidence": -5.424215}}
+    rows = [{**DISAGREEMENTS[0], "confidence": c} for c in (-5.42418, -5.42431)]
+    page = _parse(_report(student), rows)
+    assert "serve.min_confidence -5.4242: 30% of requests fall back" in page.text("decision")
+    cells = page.text("disagreements")
+    assert "-5.4242 served" in cells and "-5.4243 falls back" in cells

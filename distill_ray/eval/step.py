@@ -2,7 +2,7 @@
 calibration and the gate (`task.bar`).
 
 Writes `eval/metrics.json` (everything below, per student), `eval/disagreements.jsonl` (rows where
-student and teacher differ, worst slices first, both answers), `eval/rows.jsonl` (every holdout
+student and teacher differ, worst slices first, the prompt's last turn and both answers), `eval/rows.jsonl` (every holdout
 row scored, with the student's confidence), `eval/report.html` (readable
 without a server) and the manifest. Exits 1 when no student passes every item of the bar, naming
 the failing items and slices.
@@ -128,8 +128,10 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
         }
         worst = sorted(q["slices"], key=lambda s: q["slices"][s]["relative_quality"])
         order = {s: i for i, s in enumerate(worst)}
+        asked = {row["id"]: row["messages"][-1]["content"] for row in student_rows}  # the prompt's last turn
         for r in sorted((r for r in scored if r.agreement < 1), key=lambda r: (order[r.category], r.id)):
-            disagreements.append({"student": name, "id": r.id, "category": r.category, "student_answer": r.student,
+            disagreements.append({"student": name, "id": r.id, "category": r.category, "prompt": asked[r.id],
+                                  "student_answer": r.student,
                                   "teacher_answer": r.teacher, "confidence": r.confidence,
                                   "student_score": r.student_score, "teacher_score": r.teacher_score})
         echo(student_summary(results[name]))

@@ -4,7 +4,8 @@ calibration and the gate (`task.bar`).
 Writes `eval/metrics.json` (everything below, per student), `eval/disagreements.jsonl` (rows where
 student and teacher differ, worst slices first, the prompt's last turn and both answers),
 `eval/rows.jsonl` (every holdout row scored, with the student's confidence), `eval/report.html`
-(`distill_ray.eval.report`: readable without a server) and the manifest. Exits 1 when no student passes every item of the bar, naming
+(`distill_ray.eval.report`: readable without a server) and the manifest. Exits 1 when no student
+passes every item of the bar, naming
 the failing items and slices.
 """
 

@@ -5,8 +5,7 @@ Writes `eval/metrics.json` (everything below, per student), `eval/disagreements.
 student and teacher differ, worst slices first, the prompt's last turn and both answers),
 `eval/rows.jsonl` (every holdout row scored, with the student's confidence), `eval/report.html`
 (`distill_ray.eval.report`: readable without a server) and the manifest. Exits 1 when no student
-passes every item of the bar, naming
-the failing items and slices.
+passes every item of the bar, naming the failing items and slices.
 """
 
 from __future__ import annotations

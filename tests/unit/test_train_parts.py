@@ -11,8 +11,14 @@ import torch
 from distill_ray.config.schema import DeepSpeed, LayerDrop, Train
 from distill_ray.train.data import collate, tokenize
 from distill_ray.train.deepspeed_config import deepspeed_config, load_preset
-from distill_ray.train.kd import (IGNORE, align_top_logprobs, answer_window, distill_loss, student_loss,
-                                  supports_logits_to_keep)
+from distill_ray.train.kd import (
+    IGNORE,
+    align_top_logprobs,
+    answer_window,
+    distill_loss,
+    student_loss,
+    supports_logits_to_keep,
+)
 from distill_ray.train.students import kept_layers
 from tests.helpers.models import tiny_model, tiny_tokenizer
 

@@ -21,6 +21,7 @@ import email.utils
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -142,7 +143,9 @@ def usage_of(usage: dict[str, Any]) -> dict[str, int | None]:
             "reasoning_tokens": int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)}
 
 
-def _retry_after(headers: Any) -> float | None:
+def retry_after(headers: Any, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds a `Retry-After` header asks to wait: a number of seconds or an HTTP date (None: absent or
+    unreadable; 0 for a date already past)."""
     value = headers.get("Retry-After") if headers else None
     if not value:
         return None
@@ -150,9 +153,15 @@ def _retry_after(headers: Any) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now())
         except (TypeError, ValueError):
             return None
+
+
+def backoff_s(attempt: int, base_s: float, rng: random.Random) -> float:
+    """The jittered exponential backoff after failed attempt `attempt` (1-based): `base_s` doubled per
+    attempt, capped at MAX_BACKOFF_S, times a random factor in [0.5, 1] (clients spread out)."""
+    return min(MAX_BACKOFF_S, base_s * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -179,8 +188,9 @@ class TeacherClient:
     """Sends chat requests to one teacher through its ledger (a `LeaseClient`; None: no limits)."""
 
     def __init__(self, teacher: Teacher, api_key: str | None, limiter: Any | None, session: aiohttp.ClientSession,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.teacher = teacher
+        self.sleep = sleep  # between attempts (a test's fake sleep records the delays instead)
         self.limiter = limiter
         self.session = session
         self.rng = rng or random.Random()
@@ -232,8 +242,8 @@ class TeacherClient:
                 return answer
             except RetryableError as exc:
                 answer.error, answer.error_kind = str(exc), exc.kind
-                backoff = min(MAX_BACKOFF_S, t.retry_backoff_s * 2 ** (attempt - 1)) * self.rng.uniform(0.5, 1.0)
-                delay = max(backoff, exc.retry_after or 0.0)
+                backoff = backoff_s(attempt, t.retry_backoff_s, self.rng)
+                delay = max(backoff, exc.retry_after or 0.0)  # Retry-After honoured, even past the cap
                 if exc.kind == "429" and self.limiter is not None:
                     self.limiter.throttle(exc.retry_after if exc.retry_after is not None else backoff)
             except _RowError as exc:
@@ -244,7 +254,7 @@ class TeacherClient:
                 if self.limiter is not None:
                     self.limiter.settle(est_tokens, used or est_tokens, est_cost, cost, answered=used > 0)
             if attempt <= t.max_retries:
-                await asyncio.sleep(delay)
+                await self.sleep(delay)
         answer.latency_s = time.monotonic() - start
         answer.error = f"gave up after {answer.attempts} attempts: {answer.error}"
         return answer
@@ -265,7 +275,7 @@ class TeacherClient:
                         f"{what} (teachers[].{'api_key_env' if status in (401, 403) else 'base_url / model'})"
                     )
                 if status in RETRYABLE_STATUS or status >= 500:
-                    raise RetryableError(str(status), f"HTTP {status}: {message}", _retry_after(response.headers))
+                    raise RetryableError(str(status), f"HTTP {status}: {message}", retry_after(response.headers))
                 if param not in ROW_PARAMS or code in ("unsupported_parameter", "unsupported_value"):
                     raise _RowError("request_shape", f"HTTP {status}: {message}"
                                     + (f" (param: {param})" if param else ""), param)

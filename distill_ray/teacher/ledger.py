@@ -19,6 +19,8 @@ slot comes back.
   counted, since that request may have been billed.
 - **429s**: the ledger pauses every holder for the Retry-After and lowers the rate (multiplicative
   decrease), then recovers it while no 429 arrives (additive increase), like TCP's congestion control.
+
+The rate limits are `limiter.RateLimiter`'s; a holder's side of the ledger is `lease_client.LeaseClient`.
 """
 
 from __future__ import annotations
@@ -26,19 +28,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from distill_ray.storage import Workdir
+from distill_ray.teacher.lease_client import SLOT_WAIT_S, LeaseClient
+from distill_ray.teacher.limiter import RateLimiter
 
-MIN_RATE_FACTOR = 0.1  # never slow below a tenth of the configured rate
-RECOVERY_PER_S = 0.01  # regain 1% of the configured rate per second without a 429
 NAMESPACE = "distill-ray"
 PERSIST_EVERY_S = 1.0
-SLOT_WAIT_S = 0.05  # how long the ledger holds a request for slots before answering without
 
 
 def ledger_path(teacher: str) -> tuple[str, ...]:
@@ -75,29 +75,6 @@ class _Holder:
     step: str = ""
 
 
-class TokenBucket:
-    """A continuous-refill bucket; `rate_per_s * burst_s` is its capacity."""
-
-    def __init__(self, rate_per_s: float, burst_s: float = 1.0):
-        self.rate = rate_per_s
-        self.capacity = max(1.0, rate_per_s * burst_s)
-        # Start empty: a provider counts requests per sliding minute, and a full bucket at start
-        # would let the first minute see the limit plus one burst.
-        self.level = 0.0
-        self.stamp = time.monotonic()
-
-    def refill(self, factor: float) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate * factor)
-        self.stamp = now
-
-    def wait_for(self, amount: float, factor: float) -> float:
-        """Seconds until `amount` is available (0 when it is now)."""
-        self.refill(factor)
-        missing = min(amount, self.capacity) - self.level
-        return 0.0 if missing <= 0 else missing / (self.rate * factor)
-
-
 @ray.remote(num_cpus=0, max_concurrency=10_000, max_restarts=-1)
 class TeacherLedger:
     """The cluster-wide ledger of one teacher (an async actor: waiting leases cost nothing).
@@ -115,11 +92,7 @@ class TeacherLedger:
         self.reserved = 0.0
         self.answered = 0  # answers received (progress)
         self.ended = 0  # requests ended (answered or not)
-        self.factor = 1.0
-        self.paused_until = 0.0
-        self.last_429 = 0.0
-        self.throttled = 0
-        self.recover_stamp = time.monotonic()
+        self.limiter = RateLimiter()
         self.holders: dict[str, _Holder] = {}
         self.expired_holders = 0
         self.expired_slots = 0
@@ -133,8 +106,6 @@ class TeacherLedger:
         self.lock = asyncio.Lock()  # FIFO: leases are granted in the order they were asked
         self.freed = asyncio.Event()  # set whenever in-flight slots come back
         self.slot_waiting: set[str] = set()  # holders that asked for slots and got none
-        self.requests: TokenBucket | None = None
-        self.tokens: TokenBucket | None = None
         self.budget: float | None = None
         self.configure(1e9, 0, 4096, None)
 
@@ -142,13 +113,7 @@ class TeacherLedger:
 
     def configure(self, requests_per_minute: float, tokens_per_minute: float, max_concurrency: int,
                   budget_usd: float | None, lease_ttl_s: float = 30.0, burst_s: float = 1.0) -> dict:
-        if self.requests is None or self.requests.rate != requests_per_minute / 60.0:
-            self.requests = TokenBucket(requests_per_minute / 60.0, burst_s)
-        rate = tokens_per_minute / 60.0
-        if tokens_per_minute <= 0:
-            self.tokens = None
-        elif self.tokens is None or self.tokens.rate != rate:
-            self.tokens = TokenBucket(rate, burst_s)
+        self.limiter.configure(requests_per_minute, tokens_per_minute, burst_s)
         self.max_concurrency = max_concurrency
         self.budget = budget_usd
         self.lease_ttl_s = lease_ttl_s
@@ -193,12 +158,6 @@ class TeacherLedger:
         if holder in self.holders:
             self.holders[holder].expires = time.monotonic() + self.lease_ttl_s
 
-    def _recover(self, now: float) -> None:
-        """Additive increase: regain rate while no 429 has come for a second."""
-        elapsed, self.recover_stamp = now - self.recover_stamp, now
-        if self.factor < 1.0 and now - self.last_429 > 1.0:
-            self.factor = min(1.0, self.factor + RECOVERY_PER_S * elapsed)
-
     def _affordable(self, count: int, est_cost: float) -> int:
         if self.budget is None or est_cost <= 0:
             return count
@@ -227,22 +186,11 @@ class TeacherLedger:
                             await self._wait_freed(0.25)
                             continue
                         return Lease(0, 0, "budget")
-                    if now < self.paused_until:
-                        await asyncio.sleep(min(self.paused_until - now, 0.25))
-                        continue
-                    self._recover(now)
-                    wait = self.requests.wait_for(1, self.factor)
-                    if self.tokens is not None:
-                        wait = max(wait, self.tokens.wait_for(est_tokens, self.factor))
+                    wait = self.limiter.wait(est_tokens)  # a 429's pause, then the buckets
                     if wait <= 0:
                         break
                     await asyncio.sleep(min(wait, 0.25))
-                granted = max(1, min(permits, affordable, int(self.requests.level)))
-                if self.tokens is not None:
-                    granted = min(granted, max(1, int(self.tokens.level // max(1, est_tokens))))
-                self.requests.level -= granted
-                if self.tokens is not None:
-                    self.tokens.level -= granted * est_tokens
+                granted = self.limiter.take(min(permits, affordable), est_tokens)
                 self.reserved += granted * est_cost
                 h = self._holder(holder, step)
                 h.reserved += granted * est_cost
@@ -308,24 +256,14 @@ class TeacherLedger:
                 self.reclaimed += 1
         for key in failed_keys or ():
             self.claims.pop(key, None)
-        if self.tokens is not None:
-            self.tokens.level -= token_correction  # a refund when estimates were high
-        if unused:
-            self.requests.level = min(self.requests.capacity, self.requests.level + unused)
-            if self.tokens is not None:
-                self.tokens.level = min(self.tokens.capacity, self.tokens.level + unused_tokens)
+        self.limiter.settle(token_correction, unused, unused_tokens)  # a refund when estimates were high
         if cost:
             self.dirty = True
             self._maybe_persist()
 
     def throttle(self, retry_after_s: float) -> None:
         """A 429: pause everyone for Retry-After and slow down."""
-        now = time.monotonic()
-        self.throttled += 1
-        self.paused_until = max(self.paused_until, now + retry_after_s)
-        if now - self.last_429 > 1.0:  # one decrease per burst of 429s
-            self.factor = max(MIN_RATE_FACTOR, self.factor * 0.8)
-        self.last_429 = now
+        self.limiter.throttle(retry_after_s)
 
     # Answer keys: never asked for twice.
 
@@ -393,7 +331,7 @@ class TeacherLedger:
     def state(self) -> dict:
         return {"answered": self.answered, "ended": self.ended, "in_flight": self.in_flight,
                 "spent_usd": self.spent, "reserved_usd": self.reserved, "budget_usd": self.budget,
-                "rate_factor": round(self.factor, 3), "throttled": self.throttled, "holders": len(self.holders),
+                "rate_factor": round(self.limiter.factor, 3), "throttled": self.limiter.throttled, "holders": len(self.holders),
                 "expired_holders": self.expired_holders, "expired_slots": self.expired_slots,
                 "reclaimed": self.reclaimed, "orphaned": len(self.orphaned), "skipped_answered": self.skipped,
                 "by_step": {s: dict(r) for s, r in self.by_step.items()}}
@@ -420,154 +358,5 @@ def open_ledger(teacher: Any, workdir: Workdir, budget_usd: float | None, lease_
     return actor
 
 
-class LeaseClient:
-    """A holder's side of the ledger: request permits leased in small batches, concurrency slots kept
-    and reused while this holder has requests waiting, usage settled in batches, and a heartbeat.
-
-    Permits and slots are separate: a request needs one of each. A finished request's slot goes to
-    the next request waiting here, with no call to the ledger; permits come in batches. So at full
-    concurrency one ledger call serves many requests, and a slot is never idle while a flush timer
-    runs (bench/teacher.py and bench/limiter.py measure it). Idle slots go back after `flush_s`, at
-    once when other holders wait for slots, and all unused permits and slots at `close`.
-    """
-
-    def __init__(self, ledger, batch: int, holder: str, step: str, flush_s: float = 0.05, ttl_s: float = 30.0):
-        self.ledger, self.batch, self.flush_s = ledger, max(1, batch), flush_s
-        self.holder, self.step, self.ttl_s = holder, step, ttl_s
-        self.permits = 0  # request permits held, unused
-        self.slots = 0  # concurrency slots held (busy + idle)
-        self.busy = 0  # slots in use by a request
-        self.contended = False
-        self.fair = 1 << 30
-        self.waiting = 0
-        self.lock: asyncio.Lock | None = None
-        self.reservations: deque[tuple[float, int]] = deque()  # (dollars, tokens) reserved per unused permit
-        self.pending: dict[str, Any] = self._empty()
-        self.last_flush = time.monotonic()
-        self.flush_timer: asyncio.TimerHandle | None = None
-        self.beat: asyncio.Task | None = None
-        self.slot_freed: asyncio.Event | None = None
-
-    @staticmethod
-    def _empty() -> dict[str, Any]:
-        return {"count": 0, "token_correction": 0, "est_cost": 0.0, "cost": 0.0, "answered": 0,
-                "answered_keys": [], "failed_keys": []}
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_s / 3)
-            self.ledger.heartbeat.remote(self.holder)
-
-    async def acquire(self, est_tokens: int, est_cost: float) -> bool:
-        """One permit and one slot for a request; False when the budget refuses it."""
-        if self.lock is None:
-            self.lock, self.slot_freed = asyncio.Lock(), asyncio.Event()
-        if self.beat is None or self.beat.done():
-            self.beat = asyncio.get_running_loop().create_task(self._heartbeat())
-        self.waiting += 1
-        try:
-            async with self.lock:
-                while self.permits == 0 or self.slots == self.busy:
-                    want = min(self.batch, self.waiting)
-                    need_permits = want if self.permits == 0 else 0
-                    need_slots = want if self.slots == self.busy else 0
-                    if need_slots and not need_permits and self.busy:
-                        # Our own requests hold slots: the next to end frees one for us, sooner than
-                        # the ledger could.
-                        self.slot_freed.clear()
-                        try:
-                            await asyncio.wait_for(self.slot_freed.wait(), timeout=SLOT_WAIT_S)
-                            continue
-                        except TimeoutError:
-                            pass
-                    lease = await self.ledger.acquire.remote(self.holder, self.step, need_permits, need_slots,
-                                                             est_tokens, est_cost, 0.0 if self.busy else SLOT_WAIT_S)
-                    self.permits += lease.granted
-                    self.reservations.extend([(est_cost, est_tokens)] * lease.granted)
-                    self.slots += lease.slots
-                    self.contended, self.fair = lease.contended, lease.fair
-                    if need_permits and lease.granted == 0:
-                        return False  # the budget
-                    if self.slots == self.busy and not self.busy and need_slots and not lease.slots:
-                        await asyncio.sleep(SLOT_WAIT_S / 5)  # none free anywhere: ask again shortly
-                self.permits -= 1
-                self.busy += 1
-                # The permit was reserved at the estimate of the request that leased it; this request
-                # settles at its own: book the difference, so exactly what was reserved comes back.
-                reserved_cost, reserved_tokens = self.reservations.popleft()
-                self.pending["est_cost"] += reserved_cost - est_cost
-                self.pending["token_correction"] += est_tokens - reserved_tokens
-                return True
-        finally:
-            self.waiting -= 1
-
-    async def claim(self, keys: list[str]) -> dict[str, list[str]]:
-        return await self.ledger.claim.remote(self.holder, keys)
-
-    def settle(self, est_tokens: int, used_tokens: int, est_cost: float, cost: float, answered: bool) -> None:
-        """One request ended: its slot is free for the next request here, its usage is booked."""
-        self.busy -= 1
-        if self.slot_freed is not None:
-            self.slot_freed.set()
-        p = self.pending
-        p["count"] += 1
-        p["token_correction"] += used_tokens - est_tokens
-        p["est_cost"] += est_cost
-        p["cost"] += cost
-        p["answered"] += int(answered)
-        self._schedule()
-
-    def done(self, key: str, answered: bool) -> None:
-        """An answer key is finished: answered (and durable in the cache) or failed for this run."""
-        (self.pending["answered_keys"] if answered else self.pending["failed_keys"]).append(key)
-        self._schedule()
-
-    def _schedule(self) -> None:
-        p = self.pending
-        if (p["count"] + len(p["answered_keys"]) >= 2 * self.batch or time.monotonic() - self.last_flush >= self.flush_s
-                or (self._spare() and (self.contended or not self.waiting))):
-            self.flush()
-        elif self.flush_timer is None:
-            # Usage is booked, and idle slots given back, within flush_s.
-            self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
-
-    def _spare(self) -> int:
-        """Idle slots to give back: those nobody here waits for, and, while other holders wait for
-        slots, those beyond this holder's fair share."""
-        idle = self.slots - self.busy
-        spare = 0 if self.waiting else idle
-        if self.contended:
-            spare = max(spare, min(idle, self.slots - self.fair))
-        return spare
-
-    def throttle(self, retry_after_s: float) -> None:
-        self.ledger.throttle.remote(retry_after_s)
-
-    def flush(self) -> None:
-        if self.flush_timer is not None:
-            self.flush_timer.cancel()
-            self.flush_timer = None
-        idle = self._spare()
-        p = self.pending
-        if p["count"] or p["answered_keys"] or p["failed_keys"] or idle:
-            self.pending = self._empty()
-            self.slots -= idle
-            self.ledger.settle.remote(self.holder, self.step, p["count"], p["token_correction"], p["est_cost"],
-                                      p["cost"], p["answered"], p["answered_keys"], p["failed_keys"], idle)
-        self.last_flush = time.monotonic()
-
-    def close(self) -> None:
-        """End of a busy spell: settle what is pending, return unused permits, slots and claims, stop
-        the heartbeat."""
-        self.flush()
-        if self.permits or self.slots - self.busy:
-            idle = self.slots - self.busy
-            self.ledger.settle.remote(self.holder, self.step, 0, 0, sum(c for c, _ in self.reservations), 0.0,
-                                      slots=idle, unused=self.permits,
-                                      unused_tokens=sum(t for _, t in self.reservations))
-            self.permits, self.slots = 0, self.slots - idle
-            self.reservations.clear()
-        self.ledger.release.remote(self.holder)
-        if self.beat is not None:
-            self.beat.cancel()
-            self.beat = None
+__all__ = ["NAMESPACE", "Lease", "LeaseClient", "TeacherLedger", "ledger_name", "ledger_path", "open_ledger", "read_spend",
+           "spend_by_step"]

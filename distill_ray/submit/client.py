@@ -141,6 +141,8 @@ def exit_code(status: str, driver_exit_code: int | None) -> int:
 def report_final(info, out: TextIO = sys.stdout) -> int:
     status = getattr(info.status, "value", str(info.status))
     code = exit_code(status, info.driver_exit_code)
-    message = f": {info.message}" if info.message and status != "SUCCEEDED" else ""
+    # Ray's message for a failed entrypoint repeats the log's tail, which `follow` has just printed.
+    message = (info.message or "").split(", last available logs")[0].strip()
+    message = f": {message}" if message and status != "SUCCEEDED" else ""
     print(f"job {info.submission_id or info.job_id}: {status} (exit code {code}){message}", file=out)
     return code

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,11 +90,11 @@ def _client(env: dict[str, str]):
     return JobSubmissionClient(env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
 
 
-def test_submit_prompts_and_generate_follows_to_succeeded(head, config_file, tmp_path):
+def test_submit_prompts_and_generate_waits_streaming_logs_to_succeeded(head, config_file, tmp_path):
     secret = os.environ[KEY_ENV]
     with FakeTeacher(FakeTeacherConfig(api_key=secret)) as teacher:
         config = config_file(teacher.base_url)
-        result = _run(["-m", "distill_ray", "submit", str(config), "--steps", "prompts,generate", "--follow"], head)
+        result = _run(["-m", "distill_ray", "submit", str(config), "--steps", "prompts,generate"], head)
         assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
         lines = result.stdout.splitlines()
         submitted = next(line for line in lines if line.startswith("submitted "))
@@ -101,7 +102,7 @@ def test_submit_prompts_and_generate_follows_to_succeeded(head, config_file, tmp
         assert submission_id.startswith("submit-test-prompts-generate-")
         assert f"in the variables the config names: {KEY_ENV}" in submitted and "(values not sent)" in submitted
         assert lines[-1] == f"job {submission_id}: SUCCEEDED (exit code 0)"
-        assert "== generate done" in result.stdout  # the job's own log lines came through --follow
+        assert "== generate done" in result.stdout  # the job's own log lines, streamed while it ran
         assert len(teacher.stats()["billed_per_prompt"]) == N_ROWS  # the job found the key on the head
 
     workdir = Workdir(str(tmp_path / "run"))
@@ -125,7 +126,7 @@ def test_submit_prompts_and_generate_follows_to_succeeded(head, config_file, tmp
 def test_bad_config_is_refused_before_anything_is_sent(head, config_file):
     before = len(_client(head).list_jobs())
     config = config_file("http://127.0.0.1:9/v1", budget_usdd=5)
-    result = _run(["-m", "distill_ray", "submit", str(config), "--steps", "prompts", "--follow"], head)
+    result = _run(["-m", "distill_ray", "submit", str(config), "--steps", "prompts"], head)
     assert result.returncode == 2
     assert "budget_usdd: unknown key" in result.stderr and str(config) in result.stderr
     assert "Traceback" not in result.stderr
@@ -134,6 +135,26 @@ def test_bad_config_is_refused_before_anything_is_sent(head, config_file):
                          "--steps", "prompts,distil"], head)
     assert unknown_step.returncode == 2 and "unknown step(s) distil" in unknown_step.stderr
     assert len(_client(head).list_jobs()) == before  # nothing reached the cluster
+
+
+def test_a_failed_job_is_the_exit_code_and_no_wait_returns_at_once(head, config_file):
+    """generate without prompts: the job's own verb exits 2 on the cluster (missing input)."""
+    config = config_file("http://127.0.0.1:9/v1")
+    waited = _run(["-m", "distill_ray", "submit", str(config), "--steps", "generate"], head)
+    submission_id = next(line for line in waited.stdout.splitlines() if line.startswith("submitted ")).split()[1]
+    assert waited.returncode == 2, (waited.stdout[-3000:], waited.stderr[-3000:])
+    assert "distill-ray generate: " in waited.stdout  # the job's error, from its streamed log
+    assert waited.stdout.splitlines()[-1].startswith(f"job {submission_id}: FAILED (exit code 2)")
+
+    started = time.monotonic()
+    detached = _run(["-m", "distill_ray", "submit", str(config), "--steps", "generate", "--no-wait"], head)
+    assert detached.returncode == 0, detached.stderr[-3000:]
+    submission_id = next(line for line in detached.stdout.splitlines() if line.startswith("submitted ")).split()[1]
+    assert detached.stdout.splitlines()[-1] == f"follow it with: distill-ray jobs logs {submission_id} --follow"
+    assert "distill-ray generate: " not in detached.stdout and time.monotonic() - started < 60
+    followed = _run(["-m", "distill_ray", "jobs", "logs", submission_id, "--follow"], head)
+    assert followed.returncode == 2 and "distill-ray generate: " in followed.stdout
+    assert followed.stdout.splitlines()[-1].startswith(f"job {submission_id}: FAILED (exit code 2)")
 
 
 def test_missing_token_is_explained(head, config_file, tmp_path):

@@ -27,7 +27,6 @@ ledger; it can never make the provider bill twice.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -39,9 +38,18 @@ import ray
 
 from distill_ray.config.schema import Generate, Teacher
 from distill_ray.storage import Workdir
+from distill_ray.teacher.batch_api import (
+    TERMINAL,
+    ApiErrors,
+    Transient,
+    batch_client,
+    batch_url,
+    finished_at,
+    line_error,
+    plan_chunks,
+)
 from distill_ray.teacher.cache import AnswerCache
 from distill_ray.teacher.client import (
-    ROW_PARAMS,
     Answer,
     RetryableError,
     cost_usd,
@@ -50,9 +58,8 @@ from distill_ray.teacher.client import (
     request_body,
     usage_of,
 )
-from distill_ray.teacher.errors import TeacherRejected, TeacherStalled
+from distill_ray.teacher.errors import TeacherStalled
 
-TERMINAL = ("completed", "failed", "expired", "cancelled")
 LIST_SLACK_S = 300  # clock skew allowed when looking for a batch created before its id was recorded
 
 
@@ -68,42 +75,6 @@ def submitted_keys(teacher: Teacher, workdir: Workdir, cache_parts: tuple[str, .
     state = workdir.read_json(*state_path(teacher.name, cache_parts)) or {"chunks": []}
     return {key for chunk in state["chunks"] if chunk.get("input_file_id") and not chunk.get("processed")
             for key in chunk["keys"]}
-
-
-def batch_client(teacher: Teacher) -> openai.OpenAI:
-    """The official client for the teacher's Files and Batches endpoints (OpenAI's or Azure's)."""
-    api_key = (os.environ.get(teacher.api_key_env) if teacher.api_key_env else None) or "EMPTY"
-    common = {"api_key": api_key, "default_headers": teacher.extra_headers or None, "max_retries": 4,
-              "timeout": max(600.0, teacher.timeout_s)}  # an upload of 200 MB takes a while
-    if teacher.api == "azure":
-        return openai.AzureOpenAI(azure_endpoint=teacher.base_url, api_version=teacher.api_version, **common)
-    return openai.OpenAI(base_url=teacher.base_url, **common)
-
-
-def batch_url(teacher: Teacher) -> str:
-    """The endpoint a batch and each of its lines name: Azure's drops OpenAI's /v1."""
-    return "/chat/completions" if teacher.api == "azure" else "/v1/chat/completions"
-
-
-def plan_chunks(sizes: list[int], max_requests: int, max_bytes: int) -> tuple[list[list[int]], list[int]]:
-    """Cut lines (their sizes in bytes, in order) into chunks of at most `max_requests` lines and
-    `max_bytes` bytes; returns (the chunks as line indexes, the lines too large for any chunk)."""
-    chunks: list[list[int]] = []
-    too_large: list[int] = []
-    current: list[int] = []
-    used = 0
-    for index, size in enumerate(sizes):
-        if size > max_bytes:
-            too_large.append(index)
-            continue
-        if current and (len(current) >= max_requests or used + size > max_bytes):
-            chunks.append(current)
-            current, used = [], 0
-        current.append(index)
-        used += size
-    if current:
-        chunks.append(current)
-    return chunks, too_large
 
 
 def run_batch(teacher: Teacher, pending: list[dict[str, Any]], workdir: Workdir, generate: Generate, ledger: Any,
@@ -150,7 +121,7 @@ class _BatchRun:
             waiting = {key for chunk in self._open_chunks() for key in chunk["keys"]}
             self._submit([w for w in pending if w["key"] not in waiting])
             self._poll()
-        except _Transient as exc:
+        except Transient as exc:
             raise TeacherStalled(f"{self.label}: the Batch API kept failing ({exc}); what was submitted is recorded "
                                  f"in {self.summary['state']}: run again to resume") from exc
         summary = self.summary
@@ -275,8 +246,8 @@ class _BatchRun:
                     raise
                 return None
 
-    def _api(self, what: str) -> _ApiErrors:
-        return _ApiErrors(self.teacher, what)
+    def _api(self, what: str) -> ApiErrors:
+        return ApiErrors(self.teacher, what)
 
     # Waiting, then reading the results.
 
@@ -293,7 +264,7 @@ class _BatchRun:
                 except openai.NotFoundError:  # deleted at the provider: its keys are asked again next run
                     self._lost(chunk)
                     continue
-                except _Transient as exc:
+                except Transient as exc:
                     failing_since = failing_since or time.monotonic()
                     if time.monotonic() - failing_since >= self.generate.stall_timeout_s:
                         raise TeacherStalled(
@@ -331,7 +302,7 @@ class _BatchRun:
                 if raw.strip():
                     line = json.loads(raw)
                     outcome[line.get("custom_id")] = line
-        t, duration = self.teacher, max(0.0, float((_finished_at(batch) or batch.created_at) - batch.created_at))
+        t, duration = self.teacher, max(0.0, float((finished_at(batch) or batch.created_at) - batch.created_at))
         cache = AnswerCache(self.workdir, t.name, self.cache_parts)
         answered, requests, cost_total, kinds = [], 0, 0.0, Counter()
         try:
@@ -346,7 +317,7 @@ class _BatchRun:
                 response = line.get("response") or {}
                 status, body = response.get("status_code"), response.get("body")
                 if status != 200:
-                    error, kind = _line_error(status, body, line.get("error"))
+                    error, kind = line_error(status, body, line.get("error"))
                     self._result(key, error, kind, 1)
                     kinds[kind] += 1
                     continue
@@ -416,52 +387,3 @@ class _BatchRun:
         if key in self.pending:  # a resumed batch may hold keys this run does not ask for (cached, limit)
             self.results[key] = {"key": key, "error": error, "error_kind": kind, "cost_usd": cost,
                                  "attempts": attempts, "node": "batch"}
-
-
-def _finished_at(batch: Any) -> int | None:
-    return getattr(batch, f"{batch.status}_at", None)
-
-
-def _line_error(status: int | None, body: Any, error: Any) -> tuple[str, str]:
-    """The row error of a line that was not answered: the API's message, and its kind as the live
-    client names it (the status, or "request_shape" when a parameter other than the messages is refused)."""
-    detail = body.get("error") if isinstance(body, dict) else None
-    if status is None or not isinstance(detail, dict):
-        # No response at all (e.g. a line the provider expired): the line's own error object.
-        error = error if isinstance(error, dict) else {}
-        code = error.get("code") or (str(status) if status else "batch_error")
-        return f"{code}: {error.get('message') or body or 'no detail'}", str(code)
-    message, param, code = str(detail.get("message"))[:500], detail.get("param"), detail.get("code")
-    if param not in ROW_PARAMS or code in ("unsupported_parameter", "unsupported_value"):
-        return f"HTTP {status}: {message}" + (f" (param: {param})" if param else ""), "request_shape"
-    return f"HTTP {status}: {message}", str(status)
-
-
-class _Transient(Exception):
-    """A Files/Batches call failed after the client's own retries, in a way that may pass."""
-
-
-class _ApiErrors:
-    """Turns the openai client's errors into the step's: refusals into TeacherRejected (exit 2),
-    connection trouble and 5xx/429 into _Transient; the rest go on as they are."""
-
-    def __init__(self, teacher: Teacher, what: str):
-        self.teacher, self.what = teacher, what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
-        name = f"teacher '{self.teacher.name}' ({self.teacher.base_url})"
-        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-            raise TeacherRejected(f"{name} refused to {self.what} with HTTP {exc.status_code}: check the API key "
-                                  f"(teachers[].api_key_env)") from exc
-        if isinstance(exc, openai.NotFoundError) and self.what in ("upload the batch input file", "create the batch"):
-            raise TeacherRejected(f"{name}: cannot {self.what} (HTTP 404): does it offer the Files and Batches "
-                                  "API? Set generate.mode: online otherwise") from exc
-        if isinstance(exc, openai.BadRequestError) and self.what == "create the batch":
-            raise TeacherRejected(f"{name} refused to {self.what}: {exc.message} (generate.batch_completion_window, "
-                                  "or the teacher's request options)") from exc
-        if isinstance(exc, (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError)):
-            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
-        return False

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config, masked
-from distill_ray.submit.client import ClusterError, auth_token, is_local, resolve_address
 from distill_ray.steps import STEPS, parse_steps
+from distill_ray.submit.client import ClusterError, auth_token, is_local, resolve_address
 
 ROOT = Path(__file__).resolve().parents[2]
 UPLOAD = ("distill_ray", "jobs", "serve", "pyproject.toml")

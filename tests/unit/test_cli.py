@@ -51,3 +51,11 @@ def test_help_carries_a_worked_example():
 def test_missing_config_file_exits_2(tmp_path):
     result = _run("prompts", str(tmp_path / "none.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_that_is_not_there_is_bad_input(tmp_path):
+    """ModelNotFoundError is a BadInput: exit 2 naming the model, no traceback (it was a traceback)."""
+    missing = tmp_path / "no-such-model"
+    result = _run("teacher", "serve", "--engine", "transformers", "--model", str(missing), "--port", "1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"model '{missing}': no such local folder" in result.stderr and "Traceback" not in result.stderr

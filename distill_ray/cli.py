@@ -15,10 +15,12 @@ import sys
 import textwrap
 import threading
 import time
+import typing
 from collections.abc import Callable
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, PipelineConfig, Problem, load_config, resolved_yaml
+from distill_ray.config.schema import RolloutMode
 from distill_ray.errors import BadInput, StepFailed
 
 EXAMPLE = "jobs/configs/support_orders.yaml"
@@ -218,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stop", action="store_true", help="remove a detached app from the cluster")
     roll = verb("rollout", cmd_rollout, "change the live serve app's rollout in place (no restart)",
                 f"distill-ray rollout {EXAMPLE} --mode canary --percent 25   # --percent 0: instant rollback")
-    roll.add_argument("--mode", choices=["shadow", "canary", "full"], default=None)
+    roll.add_argument("--mode", choices=typing.get_args(RolloutMode), default=None)
     roll.add_argument("--percent", type=float, default=None, help="canary share of users, 0-100")
     roll.add_argument("--min-confidence", type=float, default=None, help="fallback threshold (mean token logprob)")
     roll.add_argument("--plan", choices=["pause", "resume"], default=None,

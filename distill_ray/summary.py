@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from distill_ray.config.schema import PipelineConfig
+from distill_ray.eval.decision import worst_slice
 from distill_ray.storage import Workdir
 
 
@@ -41,9 +42,8 @@ def summary(config: PipelineConfig) -> str | None:
                      f"{'-':>9} {'-':>5}")
     for name, r in students.items():
         q = r["quality"]
-        slices = {s: v for s, v in q["slices"].items() if v["rows"] >= bar.min_slice_holdout_rows} or q["slices"]
-        worst = min(slices, key=lambda s: slices[s]["relative_quality"]) if slices else None
-        worst_text = f"{worst} {slices[worst]['relative_quality']:.3f}" if worst else "-"
+        worst = worst_slice(r, bar.min_slice_holdout_rows)
+        worst_text = f"{worst[0]} {worst[1]['relative_quality']:.3f}" if worst else "-"
         fallback = r["threshold"]["served"]["overall"]["fallback_rate"]
         lines.append(f"{'student ' + name:<22} {r['parameters'] / 1e6:>6.1f}M {q['overall']['student']:>8.3f} "
                      f"{q['overall']['relative_quality']:>8.3f} {worst_text:>22} "

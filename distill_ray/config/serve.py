@@ -20,14 +20,15 @@ LatencyBudgetMs = Annotated[float, Field(gt=0, allow_inf_nan=False, description=
 
 class Rollout(Strict):
     """The live routing settings: the one definition the config, `distill-ray rollout` and the serve
-    app's control endpoint all validate with (a bad value is refused wherever it comes from)."""
+    app's control endpoint all validate with (a bad value is refused wherever it comes from). No defaults
+    here: the app starts from the `serve:` section's fields of the same names, the one place they are set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    mode: RolloutMode = "shadow"
-    canary_percent: CanaryPercent = 0.0
-    min_confidence: MinConfidence = -0.3
-    latency_budget_ms: LatencyBudgetMs = 2000.0
+    mode: RolloutMode
+    canary_percent: CanaryPercent
+    min_confidence: MinConfidence
+    latency_budget_ms: LatencyBudgetMs
 
     @field_validator("canary_percent", "min_confidence", "latency_budget_ms", mode="before")
     @classmethod

@@ -23,35 +23,14 @@ confidence (the mean) is what the serve router's safety net and eval's calibrati
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from distill_ray.engine.answers import Answer, Delta
+
+__all__ = ["Answer", "ChatEngine", "Delta", "open_engine", "placement_bundles", "ray_options"]
 
 if TYPE_CHECKING:
     from distill_ray.config.schema import Engine
-
-
-@dataclass
-class Answer:
-    """One completion: its text, the logprob of each token, why it stopped and its token counts."""
-
-    text: str
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = "stop"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def confidence(self) -> float | None:
-        """The mean token logprob (None for an empty answer)."""
-        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
-
-
-@dataclass
-class Delta:
-    """A piece of a streamed answer: its new text and the logprobs of the tokens that made it."""
-
-    text: str
-    logprobs: list[float] = field(default_factory=list)
 
 
 class ChatEngine(Protocol):

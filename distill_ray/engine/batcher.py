@@ -27,7 +27,6 @@ MAX_TOP_LOGPROBS = 20
 MIN_SHARED_PREFIX = 32  # tokens; below this a separate prefix pass costs more than it saves
 PREFIX_CACHE_SIZE = 4
 ENGINE = web.AppKey("engine", "BatchGenerator")  # the app's batch worker, for callers that want its stats
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass

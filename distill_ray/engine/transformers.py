@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from distill_ray.config.schema import Engine
-from distill_ray.engine import Answer, Delta
+from distill_ray.engine.answers import Answer, Delta
 
 
 class TransformersEngine:

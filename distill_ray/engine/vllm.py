@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from distill_ray.config.schema import Engine
-from distill_ray.engine import Answer, Delta
+from distill_ray.engine.answers import Answer, Delta
 
 _DONE = object()
 

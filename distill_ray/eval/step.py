@@ -92,12 +92,7 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
     if untrusted:
         echo(f"eval: {untrusted} of {len(every)} holdout prompts not scored: no reference, and the filters "
              "rejected the teacher's answer (no trusted target)")
-    judge = None
-    if config.task.metric == "llm_judge":
-        from distill_ray.eval.judge import LLMJudge
-
-        judge = LLMJudge(config, workdir, echo)
-    score = judge if judge is not None else metric(config.task.metric, config.task.metric_pattern)
+    score, judge = scorer(config, workdir, echo)
     teacher_cost = 1000 * sum(r["teacher_cost_usd"] for r in rows) / len(rows)
     teacher_latencies = sorted(r["teacher_latency_s"] * 1000 for r in rows if r["teacher_latency_s"] is not None)
     teacher_side = {"cost_per_1k_requests_usd": round(teacher_cost, 6),
@@ -106,7 +101,7 @@ def run_eval(config: PipelineConfig, echo: Callable[[str], None] = print) -> dic
     predicted = {}
     for name in students:
         uri = workdir.uri_of("students", name, "best")
-        predictions, speed = _predict(config, uri, rows)
+        predictions, speed = predict_holdout(config, uri, rows)
         predicted[name] = ([{**r, **predictions[r["id"]]} for r in rows], speed, uri)
     if judge is not None:  # one fan-out of judge calls for every student's pairs
         judge.prepare([pair for student_rows, _, _ in predicted.values() for pair in pairs_to_score(student_rows)])
@@ -161,7 +156,20 @@ def _raise_if_failed(results: dict[str, Any]) -> None:
     raise GateFailed(f"no student meets the bar ({why})")
 
 
-def _predict(config: PipelineConfig, uri: str, rows: list[dict[str, Any]]) -> tuple[dict[str, dict], dict[str, Any]]:
+def scorer(config: PipelineConfig, workdir: Workdir, echo: Callable[[str], None]) -> tuple[Any, Any]:
+    """How eval scores a student's answer against its target: (score, judge). For task.metric llm_judge the
+    judge is both (its verdicts cached in the workdir, paid through generate's machinery: call
+    `judge.prepare(pairs)` before scoring); else the task's metric and None."""
+    if config.task.metric == "llm_judge":
+        from distill_ray.eval.judge import LLMJudge
+
+        judge = LLMJudge(config, workdir, echo)
+        return judge, judge
+    return metric(config.task.metric, config.task.metric_pattern), None
+
+
+def predict_holdout(config: PipelineConfig, uri: str,
+                    rows: list[dict[str, Any]]) -> tuple[dict[str, dict], dict[str, Any]]:
     """The student's holdout answers and its speed, on `eval.engine` (`distill_ray.eval.predict`)."""
     import ray.data
 

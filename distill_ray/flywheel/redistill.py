@@ -88,7 +88,7 @@ def current_student(config: PipelineConfig, workdir: Workdir) -> dict[str, str]:
     if promoted:
         return {"student": promoted["student"], "checkpoint": promoted["checkpoint"],
                 "source": "flywheel/promoted.json"}
-    from distill_ray.serve.step import pick_student
+    from distill_ray.serve.deployment import pick_student
 
     name, uri, _ = pick_student(config, workdir, "shadow")
     return {"student": name, "checkpoint": uri, "source": "serve.student" if config.serve.student else "eval/metrics.json"}
@@ -240,26 +240,17 @@ def _evaluate(config: PipelineConfig, where: Workdir, current: dict[str, str], e
 def score_student(config: PipelineConfig, where: Workdir, checkpoint: str, echo: Callable[[str], None]) -> dict[str, Any]:
     """A student's quality on the round's holdout rows that eval scored (a reference, or a teacher answer
     the filters kept), with the task's metric: what eval reports for a student it trained."""
-    import ray.data
-
-    from distill_ray.eval.predict import predict
     from distill_ray.eval.scoring import pairs_to_score, quality, score_rows
-    from distill_ray.eval.step import holdout_rows
-    from distill_ray.metrics import holdout_target, metric
-    from distill_ray.ray_env import init_ray
+    from distill_ray.eval.step import holdout_rows, predict_holdout, scorer
+    from distill_ray.metrics import holdout_target
 
     rows = [r for r in holdout_rows(config, where) if r["teacher"] is not None and holdout_target(r) is not None]
-    init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    predictions, _ = predict(checkpoint, rows, config.eval, max(t.max_tokens for t in config.teachers))
+    predictions, _ = predict_holdout(config, checkpoint, rows)
     answered = [{**r, **predictions[r["id"]]} for r in rows]
-    if config.task.metric == "llm_judge":
-        from distill_ray.eval.judge import LLMJudge
-
-        judge = LLMJudge(config, where, echo)
+    score, judge = scorer(config, where, echo)
+    if judge is not None:
         judge.prepare(pairs_to_score(answered))
-        return quality(score_rows(answered, judge))
-    return quality(score_rows(answered, metric(config.task.metric, config.task.metric_pattern)))
+    return quality(score_rows(answered, score))
 
 
 def _report(n: int, where: Workdir, state: dict[str, Any], config: PipelineConfig, teacher: dict[str, Any],

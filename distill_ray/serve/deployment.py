@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from distill_ray.config.schema import PipelineConfig, Rollout, Serve
+from distill_ray.eval.decision import ship_choice
 from distill_ray.manifest import read_manifest
 from distill_ray.storage import Workdir
 from distill_ray.teacher.errors import MissingInput
@@ -49,11 +50,8 @@ def pick_student(config: PipelineConfig, workdir: Workdir, mode: str) -> tuple[s
         if not results:
             raise ServeRefused(f"no eval results in {workdir.uri_of('eval')}: run `distill-ray eval` first, or name "
                                "serve.student")
-        passed = [r for r in results.values() if r["passed"]]
-        if passed:
-            name = min(passed, key=lambda r: (r["parameters"], -r["quality"]["overall"]["relative_quality"]))["student"]
-        else:
-            name = max(results.values(), key=lambda r: r["quality"]["overall"]["relative_quality"])["student"]
+        name = ship_choice(results) or \
+            max(results.values(), key=lambda r: r["quality"]["overall"]["relative_quality"])["student"]
     manifest = read_manifest(workdir, f"students/{name}")
     if not manifest or manifest.get("status") != "complete":
         raise ServeRefused(f"student '{name}' has no finished training in {workdir.uri_of('students', name)}")

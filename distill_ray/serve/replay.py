@@ -110,7 +110,7 @@ def _replay(config: PipelineConfig, url: str, prompts: list[dict[str, Any]], tar
     import openai
 
     # imported here: it pulls in Ray Data, and drift imports this module for the replay sample
-    from distill_ray.teacher.generate import teacher_messages
+    from distill_ray.chat import teacher_messages
 
     # The admin token: the app takes the x-distill-origin tag (this traffic is the holdout, not clients')
     # only from a request that carries it.

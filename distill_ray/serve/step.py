@@ -101,8 +101,14 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
     Sent to the app over HTTP (`POST /v1/distill/rollout`, with the admin token). The app validates
     the values with the config's own `Rollout` and enforces the eval gate; this only checks first,
     to say what is wrong before anything is sent."""
-    from pydantic import ValidationError
-
+    changes = {k: v for k, v in (("mode", mode), ("canary_percent", percent), ("min_confidence", min_confidence))
+               if v is not None}
+    # The given values first, before the app is asked anything (a bad one is exit 2 with or without an app);
+    # serve:'s values stand in for the ones not given ('recommended' is resolved by the app: 0.0 stands in).
+    configured = {k: getattr(config.serve, k) for k in Rollout.model_fields}
+    if not isinstance(configured["min_confidence"], float | int):
+        configured["min_confidence"] = 0.0
+    _valid_rollout({**configured, **changes})
     current = fetch_stats(config)["rollout"]
     if plan is not None:
         answer = _call(config, "/v1/distill/rollout", {"plan": plan})
@@ -110,13 +116,7 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
         echo(f"rollout: plan {plan}d at stage {status.get('stage')} (mode {answer['rollout']['mode']}, canary "
              f"{answer['rollout']['canary_percent']:g}%)")
         return answer["rollout"]
-    changes = {k: v for k, v in (("mode", mode), ("canary_percent", percent), ("min_confidence", min_confidence))
-               if v is not None}
-    try:
-        wanted = Rollout.model_validate({**current, **changes}).model_dump()  # validated before anything changes
-    except ValidationError as exc:
-        raise ServeRefused("rollout: " + "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                                   for e in exc.errors())) from None
+    wanted = _valid_rollout({**current, **changes})  # validated before anything changes
     try:
         answer = _call(config, "/v1/distill/rollout", changes)
     except StepFailed as exc:
@@ -129,6 +129,17 @@ def rollout(config: PipelineConfig, mode: str | None, percent: float | None, min
          + ("; the rollout plan is paused (`distill-ray rollout --plan resume` re-arms it)"
             if (answer.get("plan") or {}).get("held") else ""))
     return wanted
+
+
+def _valid_rollout(values: dict[str, Any]) -> dict[str, Any]:
+    """The rollout these values make, or ServeRefused (exit 2) naming each bad one."""
+    from pydantic import ValidationError
+
+    try:
+        return Rollout.model_validate(values).model_dump()
+    except ValidationError as exc:
+        raise ServeRefused("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                                   for e in exc.errors())) from None
 
 
 def hand_to_rollout(config: PipelineConfig, name: str, uri: str, echo: Callable[[str], None] = print) -> bool:

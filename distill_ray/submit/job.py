@@ -2,7 +2,7 @@
 
 What is sent (`plan` builds it; nothing is sent before every check passed):
 - a working_dir staged in a temp dir with only what the job needs: the `distill_ray` package (unless
-  a built wheel goes as `py_modules`), `jobs/` (entry points, example configs and data), `serve/`,
+  a built wheel goes as `py_modules`), `jobs/` (entry points, example configs and data),
   `pyproject.toml`, and the user's config file under `submitted/` — never the repository root as
   is, so a stray `.env`, `.venv` or workdir is not uploaded;
 - the entrypoint: `python jobs/<step>.py submitted/<config> [-o k=v ...]` for one step,
@@ -37,7 +37,7 @@ from distill_ray.steps import STEPS, parse_steps
 from distill_ray.submit.client import ClusterError, auth_token, is_local, resolve_address
 
 ROOT = Path(__file__).resolve().parents[2]
-UPLOAD = ("distill_ray", "jobs", "serve", "pyproject.toml")
+UPLOAD = ("distill_ray", "jobs", "pyproject.toml")
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store")
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
 MAX_UPLOAD_BYTES = 100 * 2**20  # Ray refuses working_dirs over 500 MB; data belongs on S3 long before

@@ -17,19 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from distill_ray.config.schema import DeepSpeed, Train
+from distill_ray.config.train import preset_stages
 from distill_ray.train.data import TrainDataError
-
-PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero3-offload")
 
 
 def load_preset(ds: DeepSpeed) -> dict[str, Any]:
     """The preset's JSON. Raises TrainDataError for an unknown name or an unreadable file."""
     name = ds.preset or f"zero{ds.zero_stage}"
-    if name in PRESETS:
+    shipped = preset_stages()
+    if name in shipped:
         return json.loads(resources.files("distill_ray.train").joinpath("presets", f"{name}.json").read_text())
     path = Path(name).expanduser()
     if not path.is_file():
-        raise TrainDataError(f"train.deepspeed.preset: '{name}' is neither a shipped preset ({', '.join(PRESETS)}) "
+        raise TrainDataError(f"train.deepspeed.preset: '{name}' is neither a shipped preset ({', '.join(shipped)}) "
                              "nor an existing DeepSpeed JSON file")
     try:
         preset = json.loads(path.read_text())

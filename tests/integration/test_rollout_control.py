@@ -8,15 +8,16 @@ import json
 import pytest
 import ray
 
-from distill_ray.config.schema import Rollout
+from distill_ray.config.schema import Serve
 from distill_ray.serve.control import control_actor
+from distill_ray.serve.deployment import configured_rollout
 from distill_ray.serve.step import _reset_control
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def test_a_remade_control_resumes_the_plan_and_a_later_deployment_replaces_it(tmp_path):
-    init = {"rollout": Rollout().model_dump(), "plan": [{"stage": "shadow"}, {"stage": 5}, {"stage": 100}],
+    init = {"rollout": configured_rollout(Serve()).model_dump(), "plan": [{"stage": "shadow"}, {"stage": 5}, {"stage": 100}],
             "guardrails": {"min_requests": 2, "window_requests": 2, "min_shadow_agreement": None},
             "gate": {"passed": True, "reason": ""}, "workdir": str(tmp_path), "student": "mini", "generation": 123.0}
     _reset_control()  # none left by an earlier test's app

@@ -469,14 +469,14 @@ def test_200_clients_for_60_seconds(app, monkeypatch):
 
 
 def test_every_series_the_grafana_dashboard_charts_is_in_a_real_scrape(app):
-    """serve/grafana-dashboard.json against Ray's Prometheus endpoint after the traffic above: every
+    """monitoring/grafana-dashboard.json against Ray's Prometheus endpoint after the traffic above: every
     metric a panel queries exists, with the labels it groups by and the values it matches."""
     import ray
 
     from tests.conftest import ROOT
 
     asyncio.run(_send(app["url"], [f"slice-{i}" for i in range(4)], category="orders"))
-    dashboard = json.loads((ROOT / "serve" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((ROOT / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     port = ray._private.worker.global_worker.node.metrics_export_port
     missing: list[str] = []

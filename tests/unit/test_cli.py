@@ -59,3 +59,12 @@ def test_a_model_that_is_not_there_is_bad_input(tmp_path):
     result = _run("teacher", "serve", "--engine", "transformers", "--model", str(missing), "--port", "1")
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"model '{missing}': no such local folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_rollout_value_is_exit_2_before_any_app_is_asked(capsys):
+    """No serve app runs here: the value is refused first (asking the app would be exit 1, nothing answers)."""
+    from distill_ray.cli import main
+
+    assert main(["rollout", str(ROOT / "jobs" / "configs" / "support_orders.yaml"), "--percent", "150"]) == 2
+    err = capsys.readouterr().err
+    assert "canary_percent" in err and "nothing answers" not in err

@@ -192,7 +192,7 @@ def _id(path: Path) -> str:
 
 def test_the_docs_are_found():
     names = {_id(p) for p in DOCS}
-    assert {"README.md", "docs/cli.md", "docs/serving.md", "serve/README.md", "cluster/README.md"} <= names
+    assert {"README.md", "docs/cli.md", "docs/serving.md", "monitoring/README.md", "cluster/README.md"} <= names
     assert len(commands_in((ROOT / "README.md").read_text())) >= 15  # the workflow table alone
     assert sum(len(keys_in(p.read_text())) for p in DOCS) >= 100
 

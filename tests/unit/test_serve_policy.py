@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import pytest
 
+from distill_ray.config.schema import Serve
+from distill_ray.serve.deployment import configured_rollout
 from distill_ray.serve.policy import Breaker, Rollout, fallback_reason, student_answers
+
+
+def _rollout(**settings) -> Rollout:
+    """A rollout as the app starts it from `serve:` (the section's defaults for what is not given)."""
+    return configured_rollout(Serve(**settings))
 
 
 def test_canary_25_percent_of_1000_users_is_sticky():
     users = [f"user-{i}" for i in range(1000)]
-    rollout = Rollout(mode="canary", canary_percent=25)
+    rollout = _rollout(mode="canary", canary_percent=25)
     first = {u: student_answers(rollout, u) for u in users}
     share = sum(first.values()) / len(users)
     assert 0.21 <= share <= 0.29  # 25% +- 4 pp
     for _ in range(3):  # each user always on one path
         assert all(student_answers(rollout, u) == first[u] for u in users)
     # Raising the share only adds users; 0 is the instant rollback.
-    wider = {u: student_answers(Rollout(mode="canary", canary_percent=50), u) for u in users}
+    wider = {u: student_answers(_rollout(mode="canary", canary_percent=50), u) for u in users}
     assert all(wider[u] for u in users if first[u]) and sum(wider.values()) > sum(first.values())
-    assert not any(student_answers(Rollout(mode="canary", canary_percent=0), u) for u in users)
+    assert not any(student_answers(_rollout(mode="canary", canary_percent=0), u) for u in users)
 
 
 def test_modes_and_fallback_reasons():
-    assert not student_answers(Rollout(mode="shadow", canary_percent=100), "u")
-    assert student_answers(Rollout(mode="full"), "u")
-    r = Rollout(mode="full", min_confidence=-0.3, latency_budget_ms=500)
+    assert not student_answers(_rollout(mode="shadow", canary_percent=100), "u")
+    assert student_answers(_rollout(mode="full"), "u")
+    r = _rollout(mode="full", min_confidence=-0.3, latency_budget_ms=500)
     assert fallback_reason(r, error=None, confidence=-0.1, latency_ms=100) is None
     assert fallback_reason(r, error=None, confidence=-0.5, latency_ms=100) == "low_confidence"
     assert fallback_reason(r, error=None, confidence=-0.1, latency_ms=900) == "latency_budget"
     assert fallback_reason(r, error="boom", confidence=None, latency_ms=None) == "student_error"
     assert fallback_reason(r, error=None, confidence=None, latency_ms=500, timed_out=True) == "latency_budget"
     with pytest.raises(ValueError, match="canary_percent"):
-        Rollout(mode="canary", canary_percent=120)
+        _rollout(mode="canary", canary_percent=120)
 
 
 def test_the_student_gets_the_conversation_without_the_few_shot_turns():
@@ -72,7 +79,7 @@ def test_the_app_starts_with_the_rollout_serve_configures():
     from distill_ray.serve.deployment import configured_rollout
 
     s = Serve(mode="canary", canary_percent=25, min_confidence=-0.5, latency_budget_ms=900)
-    assert configured_rollout(s) == Rollout(mode="canary", canary_percent=25.0, min_confidence=-0.5,
+    assert configured_rollout(s) == _rollout(mode="canary", canary_percent=25.0, min_confidence=-0.5,
                                             latency_budget_ms=900.0)
     assert configured_rollout(Serve()).model_dump() == {k: float(v) if k != "mode" else v for k, v in
                                                         Serve().model_dump(include=set(Rollout.model_fields)).items()}

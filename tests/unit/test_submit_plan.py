@@ -60,7 +60,7 @@ def test_gpu_steps_ask_for_a_gpu_for_their_driver(config):
 def test_staged_working_dir_has_the_code_and_the_config_only(config, tmp_path):
     staged = stage(SubmitOptions(config_path=config, address=ADDRESS), tmp_path / "stage")
     names = sorted(p.name for p in staged.iterdir())
-    assert names == ["distill_ray", "jobs", "pyproject.toml", "serve", "submitted"]
+    assert names == ["distill_ray", "jobs", "pyproject.toml", "submitted"]
     assert (staged / "submitted" / "pipeline.yaml").read_text() == config.read_text()
     assert not list(staged.rglob("__pycache__"))
 

@@ -81,7 +81,7 @@ STEPS: dict[str, Step] = {step.name: step for step in (
     Step("drift", "distill_ray.drift:run_drift"),
     # The flywheel: a round of prompts, teacher (reusing the answers serve paid for), filter, train and
     # eval on the served traffic, the current student fine-tuned further; a no-op without new traffic.
-    Step("redistill", "distill_ray.flywheel.redistill:run_redistill", calls_teacher=when_served),
+    Step("redistill", "distill_ray.flywheel.step:run_redistill", calls_teacher=when_served),
 )}
 
 

@@ -70,7 +70,7 @@ def summary(config: PipelineConfig) -> str | None:
     drift = _read(workdir, "drift", "report.json")
     if drift:
         lines.append(f"drift: {drift['verdict']}" + (f" ({'; '.join(drift['reasons'])})" if drift["reasons"] else ""))
-    from distill_ray.flywheel.redistill import round_workdir, rounds
+    from distill_ray.flywheel.step import round_workdir, rounds
 
     done = [n for n in rounds(workdir) if round_workdir(workdir, n).exists("report.json")]
     if done:

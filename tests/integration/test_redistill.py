@@ -27,8 +27,8 @@ from distill_ray.cli import main
 from distill_ray.config import load_config
 from distill_ray.config.schema import Prompts, Teacher
 from distill_ray.flywheel.answers import FROM_LOGS, reuse_verdict
-from distill_ray.flywheel.redistill import current_student
 from distill_ray.flywheel.served import SeenPrompts, conversation_text, select_new_prompts
+from distill_ray.flywheel.step import current_student
 from distill_ray.storage import Workdir
 from distill_ray.teacher.cache import AnswerCache, messages_digest
 from distill_ray.teacher.client import cost_usd

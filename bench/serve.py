@@ -208,7 +208,7 @@ def main() -> None:
     from distill_ray.serve.logs import read_logs
     from distill_ray.serve.step import deploy
     from distill_ray.storage import Workdir
-    from tests.helpers.serve import save_student as _student
+    from distill_ray.testing.tiny_models import save_finished_student as _student
 
     os.environ["DISTILL_BENCH_SERVE_TOKEN"] = "bench-token"
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

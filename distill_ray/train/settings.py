@@ -14,10 +14,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from distill_ray.errors import BadInput
+
 Row = dict[str, Any]
 
 
-class LoopSettingsError(ValueError):
+class LoopSettingsError(BadInput, ValueError):
     """A loop.json (or a train_loop_config) that is not a student's loop settings (exit 2)."""
 
 
